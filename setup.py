@@ -1,0 +1,41 @@
+"""simjax: one-step diffusion distillation with Score Implicit Matching, in JAX."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_version = re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("simjax").joinpath("__init__.py").read_text()).group(1)
+
+setup(
+    name="simjax",
+    version=_version,
+    description="Score Implicit Matching (SIM) distillation of diffusion models into one-step generators, in JAX/Flax.",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["simjax", "simjax.*"]),
+    # Ranges are the ones tested together (see README); upper bounds guard against API breaks.
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "chex>=0.1.92,<0.2",
+        "ml_collections>=1.1.0,<1.2",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "importlib_resources>=6.0",
+        "grain>=0.2.18,<0.3",
+        "absl-py>=2.5.1,<3",
+        "etils[epath]>=1.15",
+        "numpy>=2.0,<3",
+        "pillow>=10.0",
+        # The embedded default trains on the 8x8 digits that ship inside scikit-learn.
+        "scikit-learn>=1.5,<2",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+        # Only for reading PyTorch files (EDM pickles, .pt state dicts, Inception .pth).
+        "convert": ["torch>=2.13,<2.15"],
+    },
+)

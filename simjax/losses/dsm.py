@@ -1,0 +1,27 @@
+"""EDM denoising score matching (Karras et al. 2022, Sec. 5, Eq. 2 with lambda(sigma) of Table 1)."""
+import jax
+import jax.numpy as jnp
+
+from simjax.diffusion import edm
+
+
+def edm_dsm_loss(denoised, x0, sigma, sigma_data=edm.SIGMA_DATA):
+  """Per-sample EDM loss lambda(sigma) ||D(x0 + sigma eps, sigma) - x0||^2 summed over dims: [N]."""
+  sq = jnp.sum(jnp.square(denoised - x0).reshape(x0.shape[0], -1), axis=-1)
+  return edm.edm_loss_weight(sigma, sigma_data) * sq
+
+
+def dsm_loss(params, denoise, x0, sigma, eps, sigma_data=edm.SIGMA_DATA):
+  """Mean EDM DSM loss of `denoise(params, x_t, sigma)` on clean samples x0 with given noise.
+
+  Used for the fake score (on stop-gradient generator samples) and for teacher training (on data).
+  """
+  x_t = x0 + edm.expand_to(sigma, x0) * eps
+  return jnp.mean(edm_dsm_loss(denoise(params, x_t, sigma), x0, sigma, sigma_data))
+
+
+def draw_dsm_noise(key, x0_shape, p_mean=-1.2, p_std=1.2):
+  """Noise level (log-normal) and Gaussian noise for one DSM batch."""
+  k_sigma, k_eps = jax.random.split(key)
+  sigma = edm.sample_sigma_lognormal(k_sigma, x0_shape[:1], p_mean, p_std)
+  return sigma, jax.random.normal(k_eps, x0_shape, jnp.float32)

@@ -1,0 +1,205 @@
+"""The analytic-teacher pipeline: distill a Gaussian-mixture teacher, then evaluate against the truth.
+
+Stages: (1) fit an MLP copy of the analytic teacher (the stand-in for "G and D_psi start as copies
+of the teacher"), (2) SIM distillation, (3) evaluation of the EMA generator, the teacher's Heun
+sampler and an independent true sample (the noise floor) against fresh true samples.
+
+The mixture is standardised (mean 0, overall std sigma_data) before training so one set of
+defaults fits any mixture a user passes; samples are mapped back to the user's units for evaluation.
+"""
+import logging
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from simjax.diffusion import edm, samplers
+from simjax.eval import metrics as metrics_lib
+from simjax.eval import report
+from simjax.losses import dsm
+from simjax.networks.mlp import MLPDenoiser
+from simjax.errors import UserError
+from simjax.parallel import mesh as mesh_lib
+from simjax.pipelines import common
+from simjax.teachers import gmm
+from simjax.training import distill
+from simjax.training import state as state_lib
+from simjax.training.networks import Denoiser, DistillNetworks
+
+
+class Standardization(NamedTuple):
+  shift: np.ndarray  # [D]
+  scale: float
+
+  def to_model(self, x):
+    return (x - self.shift) / self.scale
+
+  def to_data(self, x):
+    return x * self.scale + self.shift
+
+
+def standardize(mix: gmm.Mixture, sigma_data: float):
+  """The mixture in model units (overall mean 0, per-coordinate RMS std sigma_data)."""
+  w = np.asarray(mix.weights)[:, None]
+  means, stds = np.asarray(mix.means), np.asarray(mix.stds)
+  mean = (w * means).sum(0)
+  var = (w * (stds**2 + (means - mean) ** 2)).sum(0)
+  scale = float(np.sqrt(var.mean()) / sigma_data)
+  t = Standardization(mean.astype(np.float32), scale)
+  model_mix = gmm.Mixture(jnp.asarray(t.to_model(means)), jnp.asarray(stds / scale), mix.weights)
+  return model_mix, t
+
+
+def build(config):
+  """Mesh, networks, teacher constants and the MLP used for generator and fake score."""
+  mix = gmm.mixture_from_config(config.teacher)
+  model_mix, standardization = standardize(mix, float(config.sigma_data))
+  dim = int(model_mix.means.shape[1])
+  mesh = mesh_lib.make_mesh(config.mesh_shape)
+  mlp = MLPDenoiser(data_dim=dim, hidden=int(config.model.hidden), num_blocks=int(config.model.num_blocks),
+                    emb_features=int(config.model.emb_features), dropout=float(config.model.dropout),
+                    sigma_data=float(config.sigma_data))
+  nets = DistillNetworks(generator=Denoiser(mlp), fake=Denoiser(mlp),
+                         teacher=Denoiser(gmm.GaussianMixtureDenoiser()), data_shape=(dim,), label_dim=0,
+                         sigma_init=float(config.sigma_init))
+  return dict(mesh=mesh, nets=nets, mix=mix, model_mix=model_mix, standardization=standardization,
+              consts={"teacher": gmm.teacher_variables(model_mix), "generator": {}, "fake": {}},
+              optimizers={"generator": state_lib.make_optimizer(config.optim.generator),
+                          "fake": state_lib.make_optimizer(config.optim.fake)})
+
+
+def fit_teacher_copy(mlp, model_mix: gmm.Mixture, config):
+  """Regresses the MLP onto the analytic teacher's denoiser over EDM's noise levels (deterministic).
+
+  x_t comes from the teacher's own distribution diffused to sigma; the target is the exact D_p.
+  """
+  cfg = config.init
+  init_key, key = jax.random.split(jax.random.key(int(config.seed) + 1))
+  dim = model_mix.means.shape[1]
+  params = mlp.init(init_key, jnp.zeros((1, dim)), jnp.ones((1,)))["params"]
+  opt = optax.adam(float(cfg.copy_lr))
+
+  def loss_fn(p, k):
+    k_x, k_s, k_e = jax.random.split(k, 3)
+    x0, _ = gmm.sample(model_mix, k_x, int(cfg.copy_batch))
+    sigma, eps = dsm.draw_dsm_noise(k_s, x0.shape, float(cfg.copy_p_mean), float(cfg.copy_p_std))
+    x_t = x0 + sigma[:, None] * eps
+    target = gmm.denoise(model_mix, x_t, sigma)
+    pred = mlp.apply({"params": p}, x_t, sigma)
+    return jnp.mean(edm.edm_loss_weight(sigma, float(config.sigma_data)) * jnp.sum((pred - target) ** 2, -1))
+
+  def step(carry, i):
+    p, o = carry
+    loss, g = jax.value_and_grad(loss_fn)(p, jax.random.fold_in(key, i))
+    u, o = opt.update(g, o, p)
+    return (optax.apply_updates(p, u), o), loss
+
+  (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(int(cfg.copy_steps)))
+  return params, losses
+
+
+def validate(config, mode: str):
+  del mode
+  common.validate_common(config)
+  gmm.mixture_from_config(config.teacher)
+  for name in ("copy_steps", "copy_batch"):
+    if int(config.init[name]) < 0:
+      raise ValueError(f"init.{name} must be >= 0, got {config.init[name]}.")
+
+
+def run(config, workdir, mode: str = "train_and_eval"):
+  if mode not in ("train_and_eval", "train", "eval"):
+    raise UserError(f"mode {mode!r} is not available for the gmm pipeline; use train_and_eval, train or eval.")
+  checkpointer, writer = common.open_stage(config, workdir)
+  try:
+    return _run(config, workdir, checkpointer, writer, mode)
+  finally:
+    checkpointer.close()
+
+
+def _run(config, workdir, checkpointer, writer, mode):
+  setup = build(config)
+  nets, mesh = setup["nets"], setup["mesh"]
+  mlp = nets.generator.module
+  copy_info = {}
+
+  def init_fn():
+    if int(config.init.copy_steps) > 0:
+      p, losses = fit_teacher_copy(mlp, setup["model_mix"], config)
+    else:
+      p = mlp.init(jax.random.key(int(config.seed) + 1), jnp.zeros((1,) + nets.data_shape), jnp.ones((1,)))["params"]
+      losses = jnp.zeros((1,))
+    copy_info["losses"] = losses
+    return {"generator": p, "fake": jax.tree.map(jnp.copy, p)}
+
+  setup["init_fn"] = init_fn
+  t0 = time.time()
+  status = "done"
+  if mode in ("train", "train_and_eval"):
+    state, status, _ = distill.train_sim(config, workdir, setup, checkpointer, writer)
+  else:
+    if not checkpointer.steps():
+      raise UserError(f"no checkpoint in {workdir} to evaluate; run --mode=train_and_eval first.")
+    state, _, _ = distill.setup_state(setup, config, mesh, checkpointer, init_fn=init_fn, ema_names=("generator",))
+  timings = {"train_seconds": time.time() - t0}
+  if status != "done" or mode == "train":
+    return status
+  evaluate(config, workdir, setup, state, timings)
+  return status
+
+
+def evaluate(config, workdir, setup, state, timings=None):
+  """Writes eval/final.json, samples/{generator,teacher,reference}.npz and (2-D) samples/scatter.png."""
+  t0 = time.time()
+  nets, mix, std = setup["nets"], setup["mix"], setup["standardization"]
+  n = int(config.eval.num_samples)
+  seed = int(config.eval.seed)
+  gen_model, _ = distill.generate_samples(nets, state.ema["generator"], {}, n, int(config.eval.batch_size), seed)
+  gen_x = std.to_data(gen_model)
+
+  teacher = jax.jit(lambda z: samplers.heun_sample(
+      lambda x, s: gmm.denoise(setup["model_mix"], x, s), z, num_steps=int(config.eval.teacher_steps),
+      sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max), rho=float(config.rho)))
+  z = jax.random.normal(jax.random.key(seed + 1), (n,) + nets.data_shape, jnp.float32)
+  teacher_x = std.to_data(np.asarray(teacher(z)))
+  truth, _ = gmm.sample(mix, jax.random.key(seed + 2), n)
+  reference, _ = gmm.sample(mix, jax.random.key(seed + 3), n)
+  truth, reference = np.asarray(truth), np.asarray(reference)
+
+  weights = np.asarray(mix.weights).tolist()
+  def measure(x, nfe):
+    return {
+        "nfe": nfe,
+        "sliced_w2": metrics_lib.sliced_w2(x, truth, int(config.eval.num_projections), seed),
+        "mmd": metrics_lib.mmd(x, truth),
+        "mode_mass": np.asarray(gmm.nearest_mean_mass(mix, jnp.asarray(x))).tolist(),
+        "mode_weight": weights,
+        "num_samples": int(len(x)),
+    }
+  results = {
+      "generator": measure(gen_x, 1),
+      "teacher": measure(teacher_x, samplers.num_function_evals(int(config.eval.teacher_steps))),
+      "reference": measure(reference, 0),
+  }
+  for r in results.values():
+    r["mode_mass_max_abs_error"] = float(np.max(np.abs(np.asarray(r["mode_mass"]) - np.asarray(weights))))
+  results["generator"]["step"] = int(jax.device_get(state.step))
+  if timings:
+    results["generator"].update(timings)
+  results["generator"]["eval_seconds"] = time.time() - t0
+  report.write_final(workdir, results)
+  report.write_samples(workdir, "generator", gen_x)
+  report.write_samples(workdir, "teacher", teacher_x)
+  report.write_samples(workdir, "reference", reference)
+  if gen_x.shape[1] == 2:
+    report.write_png(f"{workdir}/samples/scatter.png", report.scatter_panels(
+        [("generator (1 NFE)", gen_x), (f"teacher Heun ({results['teacher']['nfe']} NFE)", teacher_x),
+         ("truth", truth)]))
+  logging.info("eval: generator sliced_w2=%.4f teacher=%.4f floor=%.4f", results["generator"]["sliced_w2"],
+               results["teacher"]["sliced_w2"], results["reference"]["sliced_w2"])
+  print("eval: " + " | ".join(f"{k}: sliced_w2={v['sliced_w2']:.4f} mmd={v['mmd']:.2e} "
+                              f"mode_err={v['mode_mass_max_abs_error']:.3f}" for k, v in results.items()), flush=True)
+  return results

@@ -1,0 +1,110 @@
+"""SIM distillation: config -> mesh -> networks -> init or restore -> the step loop.
+
+One trainer for vector and image teachers (the teacher factory decides the architecture); the
+generator and the fake score start as copies of the teacher where the teacher is a network, and as
+a fitted copy of it where the teacher is analytic.
+"""
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+
+from simjax.parallel import mesh as mesh_lib
+from simjax.training import checkpoint as ckpt_lib
+from simjax.training import loop as loop_lib
+from simjax.training import sim_steps
+from simjax.training import state as state_lib
+
+
+def compile_logged(fn, name, *args):
+  """Ahead-of-time compile with the compile time logged (maxdiffusion habit)."""
+  t0 = time.time()
+  compiled = fn.lower(*args).compile()
+  if jax.process_index() == 0:
+    print(f"compiled {name} in {time.time() - t0:.1f}s", flush=True)
+  return compiled
+
+
+def state_specs(params, mesh, optimizers, ema_names, min_size):
+  """PartitionSpecs for the whole TrainState under the FSDP rule (replicated when fsdp = 1)."""
+  abstract = jax.eval_shape(lambda p: state_lib.new_state(p, optimizers, ema_names), params)
+  return mesh_lib.param_specs(abstract, mesh, min_size), abstract
+
+
+def setup_state(setup, config, mesh, checkpointer, *, init_fn, ema_names):
+  """Restores the newest good checkpoint, or builds step 0 with `init_fn()` -> params dict.
+
+  Returns (state, shardings, specs) with the state laid out on the mesh.
+  """
+  optimizers = setup["optimizers"]
+  min_size = int(config.get("fsdp_min_size", 2**14))
+  abstract_params = jax.eval_shape(init_fn)
+  specs, abstract_state = state_specs(abstract_params, mesh, optimizers, ema_names, min_size)
+  shardings = mesh_lib.specs_to_shardings(specs, mesh)
+  if checkpointer.steps():
+    try:
+      state, step = checkpointer.restore_latest_good(ckpt_lib.abstract_with_shardings(abstract_state, shardings))
+      logging.info("resumed from checkpoint step %d", step)
+      return state, shardings, specs
+    except ckpt_lib.NoCheckpointError as e:
+      raise RuntimeError(f"no readable checkpoint in {checkpointer.directory} ({e}); "
+                         "rerun with --overwrite to start over, or restore the files.") from None
+  init = jax.jit(lambda: state_lib.new_state(init_fn(), optimizers, ema_names), out_shardings=shardings)
+  return init(), shardings, specs
+
+
+def train_sim(config, workdir, setup, checkpointer, writer, hooks=()):
+  """Runs SIM distillation to config.num_steps; returns (state, status, specs).
+
+  setup: dict with 'nets' (DistillNetworks), 'consts' (teacher and frozen collections),
+  'init_fn' (-> {'generator', 'fake'} params), 'optimizers'.
+  """
+  mesh = setup["mesh"]
+  nets = setup["nets"]
+  state, shardings, specs = setup_state(setup, config, mesh, checkpointer, init_fn=setup["init_fn"],
+                                        ema_names=("generator",))
+  min_size = int(config.get("fsdp_min_size", 2**14))
+  consts_specs = mesh_lib.param_specs(setup["consts"], mesh, min_size)
+  consts = jax.device_put(setup["consts"], mesh_lib.specs_to_shardings(consts_specs, mesh))
+  step_specs = {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
+
+  compiled = {}
+  def step_fn(step):
+    with_gen = step >= int(config.fake_warmup_steps)
+    if with_gen not in compiled:
+      it = sim_steps.make_sim_iteration(nets, config, mesh, step_specs, setup["optimizers"], with_generator=with_gen)
+      jitted = jax.jit(it, donate_argnums=0, out_shardings=(shardings, None))
+      compiled[with_gen] = compile_logged(jitted, f"sim iteration (generator={with_gen})", state, consts)
+    return compiled[with_gen]
+
+  state, status = loop_lib.run_loop(
+      state=state, step_fn=step_fn, consts=consts, num_steps=int(config.num_steps), checkpointer=checkpointer,
+      writer=writer, log_every=int(config.log_every), max_nonfinite_streak=int(config.max_nonfinite_streak),
+      stage="sim", hooks=hooks, progress_keys=("fake_loss", "gen_loss"))
+  return state, status, specs
+
+
+def ema_generator_params(state):
+  return state.ema["generator"]
+
+
+def generate_samples(nets, gen_params, gen_extra, num: int, batch: int, seed: int, label_dim: int = 0):
+  """num one-step samples (and one-hot labels) from the generator, in batches, deterministic in seed."""
+  @jax.jit
+  def one_batch(p, key):
+    k_z, k_l = jax.random.split(key)
+    z = jax.random.normal(k_z, (batch,) + tuple(nets.data_shape), jnp.float32)
+    labels = sim_steps.one_hot_labels(k_l, batch, label_dim)
+    return nets.generate(p, gen_extra, z, labels), labels
+
+  xs, ls = [], []
+  base = jax.random.key(seed)
+  for i in range(-(-num // batch)):
+    x, l = one_batch(gen_params, jax.random.fold_in(base, i))
+    xs.append(jax.device_get(x))
+    ls.append(None if l is None else jax.device_get(l))
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  x = np.concatenate(xs)[:num]
+  labels = None if ls[0] is None else np.concatenate(ls)[:num]
+  return x, labels

@@ -1,0 +1,54 @@
+"""How trainers call denoisers: a flax module plus its trainable 'params' and frozen extra collections."""
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """A denoiser module; `apply` gives D(x, sigma) from its 'params' and any frozen collections.
+
+  Frozen collections (e.g. buffers such as Fourier frequencies, or an analytic teacher's mixture)
+  are passed as `extra`, so they are never touched by an optimizer.
+  """
+  module: nn.Module
+
+  def apply(self, params, extra, x, sigma, class_labels=None, *, train=False, rng=None):
+    variables = dict(extra or {})
+    if params is not None:
+      variables["params"] = params
+    rngs = {"dropout": rng} if (train and rng is not None) else None
+    return self.module.apply(variables, x, sigma, class_labels=class_labels, train=train, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillNetworks:
+  """The three networks of SIM and what shapes their inputs (DESIGN.md section 1)."""
+  generator: Denoiser
+  fake: Denoiser
+  teacher: Denoiser
+  data_shape: Tuple[int, ...]
+  label_dim: int
+  sigma_init: float
+
+  def generate(self, params, extra, z, labels, *, train=False, rng=None):
+    """x_g = G(sigma_init z, sigma_init, labels): the one-step generator."""
+    sigma = jnp.full(z.shape[:1], self.sigma_init, jnp.float32)
+    return self.generator.apply(params, extra, self.sigma_init * z, sigma, labels, train=train, rng=rng)
+
+
+def split_variables(variables) -> Tuple[Any, dict]:
+  """(trainable 'params', the other collections)."""
+  variables = dict(variables)
+  params = variables.pop("params", None)
+  return params, variables
+
+
+def one_hot_labels(key, n: int, label_dim: int) -> Optional[jax.Array]:
+  """Uniform random one-hot class labels for conditional generators (None when unconditional)."""
+  if not label_dim:
+    return None
+  return jax.nn.one_hot(jax.random.randint(key, (n,), 0, label_dim), label_dim, dtype=jnp.float32)

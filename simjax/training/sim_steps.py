@@ -1,0 +1,164 @@
+"""The SIM iteration as one pure, jittable function: fake-score DSM update(s), then a generator update.
+
+iteration(state, consts) -> (state, metrics); compile with `jax.jit(..., donate_argnums=0)`.
+Noise for the *global* batch is drawn outside shard_map from fold_in(base_key, step), so with
+`jax_threefry_partitionable` the numbers do not depend on the device count. Per-device losses and
+gradients run inside `jax.shard_map`, averaged with explicit collectives (DESIGN.md section 2).
+"""
+import functools
+from typing import Callable, Dict
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from simjax.diffusion import edm
+from simjax.losses import dsm, sim
+from simjax.parallel import mesh as mesh_lib
+from simjax.training import state as state_lib
+from simjax.training.networks import DistillNetworks, one_hot_labels
+
+
+def device_index(mesh):
+  """This device's position along the batch axes, inside shard_map."""
+  return jax.lax.axis_index(mesh_lib.DATA) * mesh.shape[mesh_lib.FSDP] + jax.lax.axis_index(mesh_lib.FSDP)
+
+
+def average_grads(grads, specs, mesh):
+  """Mean gradient over the whole global batch.
+
+  A sharded leaf's gradient arrives reduce-scattered (summed over 'fsdp' by the transpose of the
+  all-gather), so it only needs the 'data' mean and a 1/fsdp scale; a replicated one is averaged
+  over every batch axis.
+  """
+  n_fsdp = mesh.shape[mesh_lib.FSDP]
+  def avg(g, spec):
+    if mesh_lib.FSDP in tuple(spec):
+      return jax.lax.pmean(g, mesh_lib.DATA) / n_fsdp
+    return jax.lax.pmean(g, mesh_lib.BATCH_AXES)
+  return jax.tree.map(avg, grads, specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def constrain_batch(x, mesh):
+  return jax.lax.with_sharding_constraint(x, mesh_lib.batch_sharding(mesh, x.ndim))
+
+
+def draw_generator_noise(key, batch, nets: DistillNetworks, mesh):
+  """Latents z and labels for one batch of generator samples (global batch, sharded)."""
+  k_z, k_label = jax.random.split(key)
+  z = constrain_batch(jax.random.normal(k_z, (batch,) + tuple(nets.data_shape), jnp.float32), mesh)
+  labels = one_hot_labels(k_label, batch, nets.label_dim)
+  return z, (None if labels is None else constrain_batch(labels, mesh))
+
+
+def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, object], optimizers: Dict[str, Callable],
+                       *, with_generator: bool = True):
+  """Builds iteration(state, consts). specs: PartitionSpecs of 'generator', 'fake' params and 'consts'.
+
+  consts = {'teacher': teacher variables, 'generator': generator extras, 'fake': fake-score extras}.
+  """
+  batch = int(config.batch_size)
+  mesh_lib.check_batch_divisible(batch, mesh)
+  base_key = jax.random.key(int(config.seed))
+  distance = sim.get_distance(config.loss)
+  fake_steps = int(config.fake_steps_per_iteration)
+  bspec = lambda x: None if x is None else mesh_lib.batch_spec(x.ndim)
+
+  def fake_local(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
+    consts = mesh_lib.gather_params(consts, specs["consts"])
+    gen_full = mesh_lib.gather_params(gen_params, specs["generator"])
+    rng = jax.random.fold_in(rng, device_index(mesh))
+    x_g = jax.lax.stop_gradient(nets.generate(gen_full, consts["generator"], z, labels, train=True, rng=rng))
+
+    def loss_fn(fp_local):
+      fp = mesh_lib.gather_params(fp_local, specs["fake"])
+      denoise = lambda p, x, s: nets.fake.apply(p, consts["fake"], x, s, labels,
+                                                train=True, rng=jax.random.fold_in(rng, 1))
+      return dsm.dsm_loss(fp, denoise, x_g, sigma, eps, float(config.sigma_data))
+
+    loss, grads = jax.value_and_grad(loss_fn)(fake_params)
+    return jax.lax.pmean(loss, mesh_lib.BATCH_AXES), average_grads(grads, specs["fake"], mesh)
+
+  def gen_local(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
+    consts = mesh_lib.gather_params(consts, specs["consts"])
+    fake_full = mesh_lib.gather_params(fake_params, specs["fake"])
+    rng = jax.random.fold_in(rng, device_index(mesh))
+
+    def loss_fn(gp_local):
+      gp = mesh_lib.gather_params(gp_local, specs["generator"])
+      loss, aux = sim.sim_generator_loss(
+          gp, fake_full, consts["teacher"],
+          generate=lambda p: nets.generate(p, consts["generator"], z, labels, train=True, rng=rng),
+          teacher_denoise=lambda p, x, s: nets.teacher.apply(p.get("params"), p, x, s, labels),
+          # Fake score frozen (no dropout) inside the generator step; stop-gradient on its params.
+          fake_denoise=lambda p, x, s: nets.fake.apply(p, consts["fake"], x, s, labels),
+          eps=eps, sigma=sigma, distance=distance,
+          normalize=bool(config.loss.normalize), normalize_floor=float(config.loss.normalize_floor))
+      return loss, aux
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen_params)
+    return jax.lax.pmean(loss, mesh_lib.BATCH_AXES), average_grads(grads, specs["generator"], mesh)
+
+  def sharded(fn, z, labels):
+    in_specs = (specs["generator"], specs["fake"], specs["consts"], bspec(z), bspec(labels), mesh_lib.batch_spec(1),
+                mesh_lib.batch_spec(z.ndim), P())
+    out_specs = (P(), specs["fake"] if fn is fake_local else specs["generator"])
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+  def apply_update(name, params, opt_state, grads):
+    updates, opt_state = optimizers[name].update(grads, opt_state, params)
+    return jax.tree.map(jnp.add, params, updates), opt_state
+
+  def iteration(state: state_lib.TrainState, consts):
+    key = jax.random.fold_in(base_key, state.step)
+    params, opt_state = dict(state.params), dict(state.opt_state)
+    metrics = {}
+    fake_losses, fake_norms = [], []
+    for j in range(fake_steps):
+      k = jax.random.fold_in(key, j)
+      k_noise, k_sigma, k_rng = jax.random.split(k, 3)
+      z, labels = draw_generator_noise(k_noise, batch, nets, mesh)
+      sigma, eps = dsm.draw_dsm_noise(k_sigma, z.shape, float(config.fake_p_mean), float(config.fake_p_std))
+      loss, grads = sharded(fake_local, z, labels)(params["generator"], params["fake"], consts, z, labels,
+                                                    constrain_batch(sigma, mesh), constrain_batch(eps, mesh), k_rng)
+      loss = inject_nonfinite(loss, state.step, config)
+      params["fake"], opt_state["fake"] = apply_update("fake", params["fake"], opt_state["fake"], grads)
+      fake_losses.append(loss)
+      fake_norms.append(state_lib.global_norm(grads))
+    metrics["fake_loss"] = jnp.mean(jnp.stack(fake_losses))
+    metrics["fake_grad_norm"] = jnp.mean(jnp.stack(fake_norms))
+    ema = dict(state.ema)
+    if with_generator:
+      k = jax.random.fold_in(key, fake_steps)
+      k_noise, k_sigma, k_eps, k_rng = jax.random.split(k, 4)
+      z, labels = draw_generator_noise(k_noise, batch, nets, mesh)
+      sigma = edm.sample_sigma_karras_uniform(k_sigma, (batch,), float(config.loss.t_max), float(config.sigma_min),
+                                             float(config.sigma_max), float(config.rho))
+      eps = jax.random.normal(k_eps, z.shape, jnp.float32)
+      loss, grads = sharded(gen_local, z, labels)(params["generator"], params["fake"], consts, z, labels,
+                                                   constrain_batch(sigma, mesh), constrain_batch(eps, mesh), k_rng)
+      params["generator"], opt_state["generator"] = apply_update("generator", params["generator"],
+                                                                 opt_state["generator"], grads)
+      decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
+      ema["generator"] = state_lib.ema_update(ema["generator"], params["generator"], decay)
+      metrics.update(gen_loss=loss, gen_grad_norm=state_lib.global_norm(grads), ema_decay=decay)
+    else:
+      zero = jnp.zeros((), jnp.float32)
+      metrics.update(gen_loss=zero, gen_grad_norm=zero, ema_decay=zero)
+    candidate = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+    ok = state_lib.all_finite([metrics[k] for k in ("fake_loss", "fake_grad_norm", "gen_loss", "gen_grad_norm")])
+    new = state_lib.guarded(state, candidate, ok)
+    metrics.update(step_ok=ok.astype(jnp.int32), nonfinite_total=new.nonfinite["total"],
+                   nonfinite_streak=new.nonfinite["streak"])
+    return new, metrics
+
+  return iteration
+
+
+def inject_nonfinite(loss, step, config):
+  """Test hook: turns the loss NaN at the configured steps (`debug.nan_steps`); free when unused."""
+  steps = tuple(config.get("debug", {}).get("nan_steps", ()) or ())
+  if not steps:
+    return loss
+  hit = jnp.any(step == jnp.asarray(steps, jnp.int32))
+  return jnp.where(hit, jnp.nan, loss)

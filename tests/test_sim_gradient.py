@@ -1,0 +1,154 @@
+"""The score-gradient theorem (SIM, Sec. 3) by finite differences, on cases whose truth is exact.
+
+An affine Gaussian generator x0 = m + L z has diffused density q_t = N(m, L L^T + sigma^2 I), so its
+exact score stands in for the fake score. The divergence
+
+    Div(theta) = E_{x ~ sg(q_theta0)} d( D_p(x) - D_{q_theta}(x) )      (denoiser units, DESIGN.md)
+
+is estimated on fixed samples and differentiated by central finite differences; `jax.grad` of the
+Monte-Carlo SIM surrogate must match it. The wrong construction (d'(y) detached) must not.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simjax.losses import sim
+from simjax.teachers import gmm
+
+N = 400_000     # Monte-Carlo samples; the surrogate and the divergence share them (common random numbers)
+REL_TOL = 0.04  # relative error allowed between the MC gradient and the FD gradient
+H = 1e-3        # finite-difference step (float64)
+
+GAUSSIAN = gmm.Mixture(jnp.array([[0.3, -0.2]]), jnp.array([[0.6, 0.4]]), jnp.array([1.0]))
+MIXTURE = gmm.Mixture(jnp.array([[-1.0, 0.0], [1.0, 0.5], [0.0, -1.2]]),
+                      jnp.array([[0.3, 0.3], [0.4, 0.2], [0.25, 0.5]]), jnp.array([0.3, 0.5, 0.2]))
+THETA0 = {"m": jnp.array([0.1, 0.2]), "L": jnp.array([[0.9, 0.0], [0.3, 0.7]])}
+
+
+def affine_denoiser(theta, x, sigma):
+  """Exact D_q(x) = x + sigma^2 grad log N(x; m, L L^T + sigma^2 I)."""
+  cov = theta["L"] @ theta["L"].T + sigma**2 * jnp.eye(2)
+  return x - sigma**2 * jnp.linalg.solve(cov, (x - theta["m"]).T).T
+
+
+def flat(theta):
+  return jnp.concatenate([theta["m"], theta["L"].ravel()])
+
+
+def unflat(v):
+  return {"m": v[:2], "L": v[2:].reshape(2, 2)}
+
+
+def gradients(teacher, distance, sigma, detach=False, seed=0):
+  key_z, key_e = jax.random.split(jax.random.key(seed))
+  z = jax.random.normal(key_z, (N, 2), jnp.float64)
+  eps = jax.random.normal(key_e, (N, 2), jnp.float64)
+  sig = jnp.full((N,), sigma, jnp.float64)
+  d_p = lambda x: gmm.denoise(teacher, x, sig)
+
+  # Exact divergence on fixed samples x ~ q_theta0 (the expectation's measure is under stop-gradient).
+  x_fixed = THETA0["m"] + z @ THETA0["L"].T + sigma * eps
+  def divergence(v):
+    return jnp.mean(distance.value(d_p(x_fixed) - affine_denoiser(unflat(v), x_fixed, sigma)))
+  v0 = flat(THETA0)
+  basis = jnp.eye(v0.shape[0], dtype=jnp.float64)
+  fd = jnp.stack([(divergence(v0 + H * e) - divergence(v0 - H * e)) / (2 * H) for e in basis])
+
+  # SIM surrogate: samples through the generator, fake score = exact score of q_theta0 (frozen).
+  def surrogate(v):
+    theta = unflat(v)
+    x0 = theta["m"] + z @ theta["L"].T
+    x_t = x0 + sigma * eps
+    per = sim.sim_surrogate(x0, d_p(x_t), affine_denoiser(THETA0, x_t, sigma), distance, normalize=False,
+                            detach_distance_grad=detach)
+    return jnp.mean(per)
+  return np.asarray(jax.grad(surrogate)(v0)), np.asarray(fd)
+
+
+def rel_err(a, b):
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+CASES = [(t, d, s) for t in ("gaussian", "mixture") for d in ("l2", "pseudo_huber") for s in (0.2, 0.7, 2.0)]
+
+
+@pytest.mark.parametrize("teacher_name,distance_name,sigma", CASES)
+def test_sim_gradient_matches_finite_differences(teacher_name, distance_name, sigma):
+  teacher = GAUSSIAN if teacher_name == "gaussian" else MIXTURE
+  distance = sim.squared_l2() if distance_name == "l2" else sim.pseudo_huber(0.3)
+  with jax.enable_x64(True):
+    g, fd = gradients(teacher, distance, sigma)
+  assert np.linalg.norm(fd) > 1e-3, "degenerate case: the divergence is flat at theta0"
+  assert rel_err(g, fd) < REL_TOL, (g, fd)
+
+
+@pytest.mark.parametrize("teacher_name,distance_name,sigma",
+                         [("mixture", "l2", 0.7), ("mixture", "pseudo_huber", 0.7), ("gaussian", "l2", 0.7)])
+def test_detached_distance_gradient_fails_the_same_check(teacher_name, distance_name, sigma):
+  """The test has power: detaching d'(y_t) gives a gradient the FD check rejects."""
+  teacher = GAUSSIAN if teacher_name == "gaussian" else MIXTURE
+  distance = sim.squared_l2() if distance_name == "l2" else sim.pseudo_huber(0.3)
+  with jax.enable_x64(True):
+    g, fd = gradients(teacher, distance, sigma, detach=True)
+  assert rel_err(g, fd) > 3 * REL_TOL, (g, fd)
+
+
+def test_sim_l2_equals_sid_alpha_one():
+  """Squared-L2 SIM's generator gradient is 2x SiD's loss (D_p - D_psi).(D_psi - x_g) at alpha = 1."""
+  from simjax.networks.mlp import MLPDenoiser
+  net = MLPDenoiser(data_dim=3, hidden=32, num_blocks=2, emb_features=16)
+  k = jax.random.split(jax.random.key(0), 6)
+  init = lambda kk: net.init(kk, jnp.zeros((1, 3)), jnp.ones((1,)))["params"]
+  gen_p, fake_p, teacher_p = init(k[0]), init(k[1]), init(k[2])
+  z = jax.random.normal(k[3], (64, 3))
+  eps = jax.random.normal(k[4], (64, 3))
+  sigma = jnp.exp(jax.random.normal(k[5], (64,)))
+  d = lambda p, x, s: net.apply({"params": p}, x, s)
+  generate = lambda p: d(p, 2.5 * z, jnp.full((64,), 2.5))
+
+  def sim_loss(p):
+    return sim.sim_generator_loss(p, fake_p, teacher_p, generate=generate, teacher_denoise=d, fake_denoise=d,
+                                  eps=eps, sigma=sigma, distance=sim.squared_l2(), normalize=True)[0]
+
+  def sid_loss(p):  # written from SiD's paper (Zhou et al. 2024, Eq. 23 at alpha = 1)
+    x_g = generate(p)
+    x_t = x_g + sigma[:, None] * eps
+    f_phi, f_psi = d(teacher_p, x_t, sigma), d(jax.lax.stop_gradient(fake_p), x_t, sigma)
+    w = 1.0 / jax.lax.stop_gradient(jnp.maximum(jnp.mean(jnp.abs(x_g - f_phi), axis=1), 1e-5))
+    return jnp.mean(w * jnp.sum((f_phi - f_psi) * (f_psi - x_g), axis=1))
+
+  g_sim, g_sid = jax.grad(sim_loss)(gen_p), jax.grad(sid_loss)(gen_p)
+  for a, b in zip(jax.tree.leaves(g_sim), jax.tree.leaves(g_sid)):
+    np.testing.assert_allclose(a, 2.0 * b, rtol=1e-4, atol=1e-6)
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_sid)) > 1e-4
+
+
+def test_fake_params_get_no_gradient():
+  """The stop-gradient sits on the fake score's parameters: d/dpsi of the generator loss is zero."""
+  teacher = lambda p, x, s: gmm.denoise(MIXTURE, x, s)
+  fake = lambda p, x, s: x * p["a"]
+  z = jax.random.normal(jax.random.key(1), (32, 2))
+  eps = jax.random.normal(jax.random.key(2), (32, 2))
+  sigma = jnp.full((32,), 0.5)
+  def loss(psi, theta):
+    return sim.sim_generator_loss(theta, psi, {}, generate=lambda t: t["m"] + z * t["s"], teacher_denoise=teacher,
+                                  fake_denoise=fake, eps=eps, sigma=sigma, distance=sim.pseudo_huber(0.1))[0]
+  psi, theta = {"a": jnp.array(0.7)}, {"m": jnp.array([0.1, 0.0]), "s": jnp.array(0.8)}
+  assert float(jax.grad(loss)(psi, theta)["a"]) == 0.0
+  assert float(jnp.abs(jax.grad(loss, argnums=1)(psi, theta)["s"])) > 0.0
+
+
+def test_distance_derivatives_match_autodiff():
+  y = jax.random.normal(jax.random.key(3), (5, 4))
+  for dist in (sim.squared_l2(), sim.pseudo_huber(0.5)):
+    auto = jax.grad(lambda v: jnp.sum(dist.value(v)))(y)
+    np.testing.assert_allclose(dist.derivative(y), auto, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_distance_config_is_refused():
+  import ml_collections
+  with pytest.raises(ValueError, match="unknown distance"):
+    sim.get_distance(ml_collections.ConfigDict({"distance": "l1", "huber_c": 1.0}))
+  with pytest.raises(ValueError, match="must be > 0"):
+    sim.pseudo_huber(0.0)
