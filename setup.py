@@ -32,6 +32,7 @@ setup(
         "pillow>=10.0",
         # The embedded default trains on the 8x8 digits that ship inside scikit-learn.
         "scikit-learn>=1.5,<2",
+        "scipy>=1.11",  # sqrtm for Frechet distances
     ],
     extras_require={
         "test": ["pytest>=8.0"],

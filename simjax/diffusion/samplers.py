@@ -17,23 +17,19 @@ def num_function_evals(num_steps: int, solver: str = "heun") -> int:
   return 2 * num_steps - 1 if solver == "heun" else num_steps
 
 
-def edm_sample(denoise, latents, *, num_steps=18, sigma_min=edm.SIGMA_MIN, sigma_max=edm.SIGMA_MAX,
-               rho=edm.RHO, solver="heun", s_churn=0.0, s_min=0.0, s_max=float("inf"), s_noise=1.0, key=None):
-  """Runs EDM's sampler from latents ~ N(0, I) (scaled here by sigma_max) down to sigma = 0.
-
-  solver: 'heun' (2nd order, deterministic when s_churn = 0) or 'euler'.
-  s_churn > 0 adds EDM's stochastic churn (Algorithm 2) and needs `key`.
-  """
+def _check(solver, s_churn, key):
   if solver not in ("heun", "euler"):
     raise ValueError(f"unknown solver {solver!r}; use 'heun' or 'euler'.")
   if s_churn > 0 and key is None:
     raise ValueError("stochastic sampling (s_churn > 0) needs a PRNG key; pass key=...")
-  sigmas = edm.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-  n = latents.shape[0]
+
+
+def _make_step(denoise, sigmas, num_steps, s_churn, s_min, s_max, s_noise, key):
+  """One EDM step i: sigma_i -> sigma_{i+1}, with optional churn and Heun correction."""
   gamma_max = min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
 
   def derivative(x, s):
-    return (x - denoise(x, jnp.full((n,), s, jnp.float32))) / s
+    return (x - denoise(x, jnp.full(x.shape[:1], s, jnp.float32))) / s
 
   def step(i, x, with_correction):
     s_cur, s_next = sigmas[i], sigmas[i + 1]
@@ -49,12 +45,47 @@ def edm_sample(denoise, latents, *, num_steps=18, sigma_min=edm.SIGMA_MIN, sigma
     if with_correction:
       x_next = x + (s_next - s_hat) * 0.5 * (d + derivative(x_next, s_next))
     return x_next
+  return step
 
+
+def edm_sample(denoise, latents, *, num_steps=18, sigma_min=edm.SIGMA_MIN, sigma_max=edm.SIGMA_MAX,
+               rho=edm.RHO, solver="heun", s_churn=0.0, s_min=0.0, s_max=float("inf"), s_noise=1.0, key=None):
+  """Runs EDM's sampler from latents ~ N(0, I) (scaled here by sigma_max) down to sigma = 0.
+
+  solver: 'heun' (2nd order, deterministic when s_churn = 0) or 'euler'.
+  s_churn > 0 adds EDM's stochastic churn (Algorithm 2) and needs `key`.
+  The steps run in a `lax.fori_loop`: use inside jit. For convolutional networks on CPU prefer
+  `edm_sample_stepwise` (XLA:CPU runs convolutions inside while-loops far slower).
+  """
+  _check(solver, s_churn, key)
+  sigmas = edm.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+  step = _make_step(denoise, sigmas, num_steps, s_churn, s_min, s_max, s_noise, key)
   x = latents.astype(jnp.float32) * sigmas[0]
-  use_heun = solver == "heun"
-  x = jax.lax.fori_loop(0, num_steps - 1, functools.partial(step, with_correction=use_heun), x)
+  x = jax.lax.fori_loop(0, num_steps - 1, functools.partial(step, with_correction=solver == "heun"), x)
   # The last step lands on sigma = 0, where the Heun correction is undefined: Euler (EDM does the same).
   return step(num_steps - 1, x, with_correction=False)
+
+
+def edm_sample_stepwise(denoise_fn, params, latents, *, num_steps=18, sigma_min=edm.SIGMA_MIN,
+                        sigma_max=edm.SIGMA_MAX, rho=edm.RHO, solver="heun", s_churn=0.0, s_min=0.0,
+                        s_max=float("inf"), s_noise=1.0, key=None):
+  """The same sampler driven from the host: one compiled step, dispatched num_steps times.
+
+  denoise_fn(params, x, sigma) takes its parameters as an argument, so large networks are never
+  baked into the compiled step as constants. Same results as `edm_sample`.
+  """
+  _check(solver, s_churn, key)
+  sigmas = edm.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def one(p, x, i, with_correction, k):
+    step = _make_step(lambda v, s: denoise_fn(p, v, s), sigmas, num_steps, s_churn, s_min, s_max, s_noise, k)
+    return step(i, x, with_correction)
+
+  x = jnp.asarray(latents, jnp.float32) * sigmas[0]
+  for i in range(num_steps):
+    x = one(params, x, jnp.int32(i), solver == "heun" and i < num_steps - 1, key)
+  return x
 
 
 def heun_sample(denoise, latents, num_steps=18, **kwargs):

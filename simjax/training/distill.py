@@ -9,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import checkpoint as ckpt_lib
@@ -50,8 +51,9 @@ def setup_state(setup, config, mesh, checkpointer, *, init_fn, ema_names):
     except ckpt_lib.NoCheckpointError as e:
       raise RuntimeError(f"no readable checkpoint in {checkpointer.directory} ({e}); "
                          "rerun with --overwrite to start over, or restore the files.") from None
-  init = jax.jit(lambda: state_lib.new_state(init_fn(), optimizers, ema_names), out_shardings=shardings)
-  return init(), shardings, specs
+  # Params are an argument, not a closure: a copied 55M-parameter teacher must not become an HLO constant.
+  init = jax.jit(lambda p: state_lib.new_state(p, optimizers, ema_names), out_shardings=shardings)
+  return init(init_fn()), shardings, specs
 
 
 def train_sim(config, workdir, setup, checkpointer, writer, hooks=()):
@@ -104,7 +106,6 @@ def generate_samples(nets, gen_params, gen_extra, num: int, batch: int, seed: in
     x, l = one_batch(gen_params, jax.random.fold_in(base, i))
     xs.append(jax.device_get(x))
     ls.append(None if l is None else jax.device_get(l))
-  import numpy as np  # pylint: disable=import-outside-toplevel
   x = np.concatenate(xs)[:num]
   labels = None if ls[0] is None else np.concatenate(ls)[:num]
   return x, labels

@@ -1,0 +1,218 @@
+"""EDM's preconditioners (Karras et al. 2022, Table 1) wrapping a SongUNet, plus builders.
+
+Each preconditioner is a denoiser with simjax's interface
+`__call__(x, sigma, class_labels=None, augment_labels=None, train=False) -> D(x, sigma)` (float32,
+x's shape), D(x) = c_skip x + c_out F(c_in x, c_noise). The raw network is the attribute `model`, so
+parameter paths start with 'model' exactly like EDM's state dicts.
+
+Architectures are described by EDM-style kwargs dicts ("arch"): EDMPrecond/VPPrecond/VEPrecond
+constructor arguments merged with SongUNet's, plus `precond` (the class name; EDM pickles store it as
+the object's class, the fixtures as a key). `class_name` ('training.networks.EDMPrecond', EDM's
+training config) is accepted in its place. `use_fp16` is accepted and ignored (choose `dtype`).
+"""
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simjax.diffusion.edm import SIGMA_DATA, edm_precondition, expand_to
+from simjax.networks.songunet import SongUNet
+
+Dtype = Any
+
+
+def _prepare_inputs(x, sigma, class_labels, label_dim):
+  """float32 x, per-sample sigma [N], class labels per EDM (None when label_dim == 0, zeros if missing)."""
+  x = jnp.asarray(x, jnp.float32)
+  sigma = jnp.asarray(sigma, jnp.float32)
+  sigma = jnp.broadcast_to(sigma.reshape(-1) if sigma.ndim else sigma, x.shape[:1])
+  if label_dim == 0:
+    class_labels = None
+  elif class_labels is None:
+    class_labels = jnp.zeros((1, label_dim), jnp.float32)  # EDM: unconditional query of a conditional net.
+  else:
+    class_labels = jnp.asarray(class_labels, jnp.float32).reshape(-1, label_dim)
+  return x, sigma, class_labels
+
+
+def _denoise(model, x, c_skip, c_out, c_in, c_noise, class_labels, augment_labels, train):
+  """D = c_skip x + c_out F(c_in x, c_noise), F run in the model's dtype, D in float32."""
+  model_dtype = getattr(model, "dtype", jnp.float32)
+  f_x = model((expand_to(c_in, x) * x).astype(model_dtype), c_noise, class_labels=class_labels,
+              augment_labels=augment_labels, train=train)
+  return expand_to(c_skip, x) * x + expand_to(c_out, x) * f_x.astype(jnp.float32)
+
+
+class EDMPrecond(nn.Module):
+  """EDM preconditioning: c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2),
+  c_noise = ln(s)/4 (Karras et al. 2022, Table 1, "Ours")."""
+  model: nn.Module
+  img_resolution: int
+  img_channels: int
+  label_dim: int = 0
+  sigma_data: float = SIGMA_DATA
+  sigma_min: float = 0.0
+  sigma_max: float = math.inf
+
+  def __call__(self, x, sigma, class_labels=None, augment_labels=None, train=False):
+    x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
+    c = edm_precondition(sigma, self.sigma_data)
+    return _denoise(self.model, x, c.c_skip, c.c_out, c.c_in, c.c_noise, class_labels, augment_labels, train)
+
+
+class VPPrecond(nn.Module):
+  """Variance-preserving preconditioning (Song et al. 2021 VP SDE; Karras et al. 2022, Table 1):
+  c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1), c_noise = (M-1) t(s), t = sigma^-1 of
+  sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)."""
+  model: nn.Module
+  img_resolution: int
+  img_channels: int
+  label_dim: int = 0
+  beta_d: float = 19.9
+  beta_min: float = 0.1
+  M: int = 1000
+  epsilon_t: float = 1e-5
+
+  def sigma(self, t):
+    t = jnp.asarray(t, jnp.float32)
+    return jnp.sqrt(jnp.exp(0.5 * self.beta_d * t**2 + self.beta_min * t) - 1)
+
+  def sigma_inv(self, sigma):
+    sigma = jnp.asarray(sigma, jnp.float32)
+    return (jnp.sqrt(self.beta_min**2 + 2 * self.beta_d * jnp.log(1 + sigma**2)) - self.beta_min) / self.beta_d
+
+  @property
+  def sigma_min(self):
+    return float(np.sqrt(np.expm1(0.5 * self.beta_d * self.epsilon_t**2 + self.beta_min * self.epsilon_t)))
+
+  @property
+  def sigma_max(self):
+    return float(np.sqrt(np.expm1(0.5 * self.beta_d + self.beta_min)))
+
+  def __call__(self, x, sigma, class_labels=None, augment_labels=None, train=False):
+    x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
+    c_in = 1 / jnp.sqrt(sigma**2 + 1)
+    c_noise = (self.M - 1) * self.sigma_inv(sigma)
+    return _denoise(self.model, x, jnp.ones_like(sigma), -sigma, c_in, c_noise, class_labels,
+                    augment_labels, train)
+
+
+class VEPrecond(nn.Module):
+  """Variance-exploding preconditioning (Song et al. 2021 VE SDE; Karras et al. 2022, Table 1):
+  c_skip = 1, c_out = s, c_in = 1, c_noise = ln(s/2)."""
+  model: nn.Module
+  img_resolution: int
+  img_channels: int
+  label_dim: int = 0
+  sigma_min: float = 0.02
+  sigma_max: float = 100.0
+
+  def __call__(self, x, sigma, class_labels=None, augment_labels=None, train=False):
+    x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
+    return _denoise(self.model, x, jnp.ones_like(sigma), sigma, jnp.ones_like(sigma), jnp.log(0.5 * sigma),
+                    class_labels, augment_labels, train)
+
+
+PRECONDITIONERS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
+_PRECOND_ARGS = {
+    "EDMPrecond": ("sigma_min", "sigma_max", "sigma_data"),
+    "VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t"),
+    "VEPrecond": ("sigma_min", "sigma_max"),
+}
+_SONGUNET_ARGS = ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
+                  "attn_resolutions", "dropout", "label_dropout", "embedding_type", "channel_mult_noise",
+                  "encoder_type", "decoder_type", "resample_filter", "fourier_freqs")
+_TUPLE_ARGS = ("channel_mult", "attn_resolutions", "resample_filter", "fourier_freqs")
+_IGNORED_ARGS = ("use_fp16",)  # EDM's CUDA fp16 switch; simjax takes `dtype` instead.
+
+# EDM's train.py presets (--arch=ddpmpp / ncsnpp) at CIFAR-10 settings (augment_dim 9, dropout 0.13).
+EDM_PRESETS = {
+    "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                   decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual",
+                   decoder_type="standard", channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+}
+
+
+def edm_preset_arch(name: str = "ddpmpp", *, img_resolution: int = 32, img_channels: int = 3, label_dim: int = 0,
+                    augment_dim: int = 9, dropout: float = 0.13, precond: str = "EDMPrecond", **overrides) -> dict:
+  """An arch dict for EDM's `--arch` preset `name` (CIFAR-10 defaults); overrides win."""
+  if name not in EDM_PRESETS:
+    raise ValueError(f"unknown EDM preset {name!r}; use one of {sorted(EDM_PRESETS)}.")
+  arch = dict(precond=precond, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+              augment_dim=augment_dim, dropout=dropout, **EDM_PRESETS[name])
+  arch.update(overrides)
+  return arch
+
+
+def precond_name_of(arch: Mapping[str, Any]) -> str:
+  """The preconditioner class named by an arch dict ('precond', else EDM's 'class_name')."""
+  name = arch.get("precond")
+  if name is None and "class_name" in arch:
+    name = str(arch["class_name"]).rsplit(".", 1)[-1]
+  name = name or "EDMPrecond"
+  if name not in PRECONDITIONERS:
+    raise ValueError(f"preconditioner {name!r} is not supported; use one of {sorted(PRECONDITIONERS)}.")
+  return name
+
+
+def build_precond(arch: Mapping[str, Any], *, dtype: Dtype = jnp.float32, precision=None) -> nn.Module:
+  """Builds preconditioner(SongUNet) from an EDM-style kwargs dict (fixture `config_json` or the
+  `init_kwargs` of an EDM pickle with `precond` added). `dtype` is the network's compute dtype."""
+  arch = dict(arch)
+  precond = precond_name_of(arch)
+  arch.pop("precond", None)
+  arch.pop("class_name", None)
+  # EDM's own defaults: EDMPrecond wraps DhariwalUNet unless told otherwise; VP/VE wrap SongUNet.
+  model_type = arch.pop("model_type", "DhariwalUNet" if precond == "EDMPrecond" else "SongUNet")
+  if model_type != "SongUNet":
+    raise ValueError(f"model_type={model_type!r} is not supported; simjax implements EDM's SongUNet (DDPM++/NCSN++).")
+  for key in ("img_resolution", "img_channels"):
+    if key not in arch:
+      raise ValueError(f"architecture is missing {key!r}; add it to the arch dict (EDM's precond kwargs).")
+  for key in _IGNORED_ARGS:
+    arch.pop(key, None)
+  unknown = sorted(set(arch) - set(_PRECOND_ARGS[precond]) - set(_SONGUNET_ARGS) - {"img_resolution", "img_channels",
+                                                                                     "label_dim"})
+  if unknown:
+    raise ValueError(f"unknown {precond}/SongUNet arguments {unknown}; remove them from the arch dict.")
+  model_kwargs = {k: (tuple(arch[k]) if k in _TUPLE_ARGS and arch[k] is not None else arch[k])
+                  for k in _SONGUNET_ARGS if k in arch}
+  label_dim = int(arch.get("label_dim", 0))
+  model = SongUNet(img_resolution=int(arch["img_resolution"]), in_channels=int(arch["img_channels"]),
+                   out_channels=int(arch["img_channels"]), label_dim=label_dim, dtype=dtype, precision=precision,
+                   **model_kwargs)
+  precond_kwargs = {k: arch[k] for k in _PRECOND_ARGS[precond] if k in arch}
+  return PRECONDITIONERS[precond](model=model, img_resolution=int(arch["img_resolution"]),
+                                  img_channels=int(arch["img_channels"]), label_dim=label_dim, **precond_kwargs)
+
+
+def example_inputs(module: nn.Module, batch_size: int = 1):
+  """Zero inputs (x NHWC, sigma, class_labels, augment_labels) of the right shapes for `module`."""
+  x = jnp.zeros((batch_size, module.img_resolution, module.img_resolution, module.img_channels), jnp.float32)
+  sigma = jnp.ones((batch_size,), jnp.float32)
+  class_labels = jnp.zeros((batch_size, module.label_dim), jnp.float32) if module.label_dim else None
+  augment_dim = getattr(module.model, "augment_dim", 0)
+  augment_labels = jnp.zeros((batch_size, augment_dim), jnp.float32) if augment_dim else None
+  return x, sigma, class_labels, augment_labels
+
+
+def init_params(module: nn.Module, rng) -> dict:
+  """Fresh variables `{'params': ...}` for a preconditioned network (EDM's initialisation)."""
+  x, sigma, class_labels, augment_labels = example_inputs(module)
+  return module.init(rng, x, sigma, class_labels, augment_labels)
+
+
+def param_shapes(module: nn.Module) -> dict:
+  """The variables' shapes/dtypes (jax.ShapeDtypeStruct pytree) without materialising them."""
+  return jax.eval_shape(lambda: init_params(module, jax.random.key(0)))
+
+
+def count_params(params) -> int:
+  """Number of scalars in a pytree of arrays or ShapeDtypeStructs (EDM counts parameters only)."""
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,253 @@
+"""The image pipeline: (train or load) an EDM teacher -> SIM distillation -> evaluation.
+
+Stages, each resumable from the workdir:
+  teacher/    teacher training with EDM's loss (when config.teacher.kind == 'train'), exported to
+              teacher/final/ (arch.json + params) which the distillation stage loads;
+  checkpoints/ SIM distillation: generator and fake score start as copies of the teacher;
+  generator/  the EMA generator exported with its arch and sigma_init;
+  eval/       Frechet distances (digit-classifier features or FID Inception), class histograms.
+"""
+import json
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from simjax.errors import UserError
+from simjax.eval import report
+from simjax.networks import precond as precond_lib
+from simjax.parallel import mesh as mesh_lib
+from simjax.pipelines import common, image_eval
+from simjax.teachers import edm as edm_teachers
+from simjax.training import distill
+from simjax.training import loop as loop_lib
+from simjax.training import state as state_lib
+from simjax.training import teacher_steps
+from simjax.training.networks import Denoiser, DistillNetworks, split_variables
+
+MODES = ("train_and_eval", "train", "train_teacher", "eval", "sample")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and architecture
+
+def load_data(config):
+  """(train, heldout) splits of the configured dataset, NHWC in [-1, 1]."""
+  name = config.data.name
+  if name == "digits":
+    from simjax.data import digits  # pylint: disable=import-outside-toplevel
+    return digits.load_digits_splits(float(config.data.holdout_fraction), int(config.data.split_seed))
+  if name == "cifar10":
+    from simjax.data import cifar10  # pylint: disable=import-outside-toplevel
+    return cifar10.load_splits(config.data.data_dir)
+  raise UserError(f"unknown dataset {name!r}; set --config.data.name to 'digits' or 'cifar10'.")
+
+
+def data_shape(config):
+  return tuple(int(s) for s in config.data.shape)
+
+
+def teacher_arch_from_config(config):
+  """The architecture of a teacher trained in this run (EDM preset + overrides from config.teacher.arch)."""
+  a = dict(config.teacher.arch.to_dict())
+  preset = a.pop("preset", "ddpmpp")
+  shape = data_shape(config)
+  return precond_lib.edm_preset_arch(preset, img_resolution=shape[0], img_channels=shape[2],
+                                     label_dim=int(config.label_dim), **a)
+
+
+def teacher_dir(workdir):
+  return epath.Path(workdir) / "teacher"
+
+
+def resolve_teacher_path(config, workdir):
+  if config.teacher.kind == "train":
+    return teacher_dir(workdir) / "final"
+  return epath.Path(config.teacher.checkpoint)
+
+
+def check_arch_matches(arch, config, source):
+  """Teacher resolution, channels and label count must agree with the data and config."""
+  shape = data_shape(config)
+  got = (int(arch["img_resolution"]), int(arch["img_channels"]), int(arch.get("label_dim", 0)))
+  want = (shape[0], shape[2], int(config.label_dim))
+  names = ("resolution", "channels", "label count")
+  for n, g, w in zip(names, got, want):
+    if g != w:
+      raise UserError(f"teacher {source} has {n} {g} but the config expects {w}; point config.teacher.checkpoint at "
+                      f"a matching teacher or set config.data.shape / config.label_dim to match it.")
+
+
+def validate(config, mode):
+  if mode not in MODES:
+    raise ValueError(f"mode {mode!r} is not available for the image pipeline; use one of {MODES}.")
+  common.validate_common(config)
+  shape = data_shape(config)
+  if len(shape) != 3 or shape[0] != shape[1]:
+    raise ValueError(f"data.shape must be (R, R, C), got {shape}.")
+  if config.teacher.kind == "train":
+    tt = config.teacher_train
+    for name in ("batch_size", "num_steps"):
+      if int(tt[name]) < 1:
+        raise ValueError(f"teacher_train.{name} must be >= 1, got {tt[name]}.")
+    state_lib.make_optimizer(tt.optim)
+    mesh_lib.check_batch_divisible(int(tt.batch_size), mesh_lib.make_mesh(config.mesh_shape), "teacher_train.batch_size")
+    precond_lib.build_precond(teacher_arch_from_config(config))
+  elif config.teacher.kind == "checkpoint":
+    path = epath.Path(config.teacher.checkpoint or "")
+    if not config.teacher.checkpoint or not path.exists():
+      raise ValueError(f"teacher checkpoint {config.teacher.checkpoint!r} not found; set "
+                       "--config.teacher.checkpoint to an EDM network pickle, a state dict or a converted directory.")
+    if path.is_dir():
+      check_arch_matches(edm_teachers.read_arch_file(path / "arch.json"), config, str(path))
+  else:
+    raise ValueError(f"unknown teacher.kind {config.teacher.kind!r}; use 'train' or 'checkpoint'.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: teacher training
+
+def train_teacher(config, workdir, mesh):
+  """Trains the teacher with EDM's loss (resumable); exports the EMA to teacher/final. Returns status."""
+  final = teacher_dir(workdir) / "final"
+  if (final / "arch.json").exists():
+    return "done"
+  tt = config.teacher_train
+  arch = teacher_arch_from_config(config)
+  module = precond_lib.build_precond(arch)
+  denoiser = Denoiser(module)
+  train, _ = load_data(config)
+  optimizer = state_lib.make_optimizer(tt.optim)
+  setup = {"optimizers": {"denoiser": optimizer}}
+
+  def init_fn():
+    # Non-partitionable threefry only for init: the partitionable one compiles EDM's many draws very slowly.
+    with jax.threefry_partitionable(False):
+      params, _ = split_variables(jax.jit(precond_lib.init_params, static_argnums=0)(module, jax.random.key(int(tt.seed))))
+    return {"denoiser": params}
+
+  checkpointer, writer = common.open_stage(config, workdir, stage="teacher/checkpoints",
+                                           metrics_file="teacher/metrics.jsonl", interval=int(tt.checkpoint_every))
+  try:
+    (teacher_dir(workdir)).mkdir(parents=True, exist_ok=True)
+    state, shardings, specs = distill.setup_state(setup, config, mesh, checkpointer, init_fn=init_fn,
+                                                  ema_names=("denoiser",))
+    consts = jax.device_put({"data": train.x, "labels": train.labels, "scale": np.float32(1.0),
+                             "shift": np.float32(0.0), "extra": {}}, mesh_lib.replicated(mesh))
+    step = teacher_steps.make_teacher_step(denoiser, _teacher_step_config(config), mesh, specs.params["denoiser"],
+                                           optimizer, label_dim=int(config.label_dim), num_examples=len(train.x))
+    compiled = distill.compile_logged(jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)),
+                                      "teacher step", state, consts)
+    state, status = loop_lib.run_loop(
+        state=state, step_fn=lambda _: compiled, consts=consts, num_steps=int(tt.num_steps),
+        checkpointer=checkpointer, writer=writer, log_every=int(tt.log_every),
+        max_nonfinite_streak=int(config.max_nonfinite_streak), stage="teacher", progress_keys=("loss",))
+  finally:
+    checkpointer.close()
+  if status == "done" and jax.process_index() == 0:
+    edm_teachers.save_converted(final, arch, {"params": jax.device_get(state.ema["denoiser"])})
+  return status
+
+
+def _teacher_step_config(config):
+  """The teacher step reads its own section plus the shared EDM constants."""
+  tt = config.teacher_train.to_dict()
+  tt.update(sigma_data=config.sigma_data, debug=config.debug.to_dict())
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  return ml_collections.ConfigDict(tt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: SIM distillation
+
+def build_distillation(config, workdir, mesh):
+  path = resolve_teacher_path(config, workdir)
+  teacher = edm_teachers.load_teacher(path)
+  check_arch_matches(teacher.arch, config, str(path))
+  module = teacher.module
+  teacher_params, extra = split_variables(teacher.params)
+  nets = DistillNetworks(generator=Denoiser(module), fake=Denoiser(module), teacher=Denoiser(module),
+                         data_shape=data_shape(config), label_dim=int(config.label_dim),
+                         sigma_init=float(config.sigma_init))
+  return dict(
+      mesh=mesh, nets=nets, arch=teacher.arch, extra=extra,
+      consts={"teacher": dict(teacher.params), "generator": extra, "fake": extra},
+      # G and D_psi start as copies of the teacher (DESIGN.md section 1).
+      init_fn=lambda: {"generator": teacher_params, "fake": teacher_params},
+      optimizers={"generator": state_lib.make_optimizer(config.optim.generator),
+                  "fake": state_lib.make_optimizer(config.optim.fake)})
+
+
+def export_generator(workdir, setup, state, config):
+  """generator/: arch.json (with sigma_init, so sampling uses the trained value) + EMA params."""
+  if jax.process_index() != 0:
+    return
+  out = epath.Path(workdir) / "generator"
+  edm_teachers.save_converted(out, dict(setup["arch"]), {"params": jax.device_get(state.ema["generator"])})
+  info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step))}
+  report.write_json(out / image_eval.GENERATOR_INFO, info)
+
+
+def grid_hook(config, workdir, setup):
+  """Every config.grid_every steps: a grid of EMA-generator samples (fixed noise) in samples/."""
+  nets = setup["nets"]
+  n = int(config.grid_size) ** 2
+  key = jax.random.key(int(config.eval.seed) + 7)
+  z = jax.random.normal(key, (n,) + nets.data_shape, jnp.float32)
+  labels = (jax.nn.one_hot(jnp.arange(n) % nets.label_dim, nets.label_dim) if nets.label_dim else None)
+  gen = jax.jit(lambda p: nets.generate(p, setup["extra"], z, labels))
+
+  def hook(step, state):
+    x = np.asarray(jax.device_get(gen(state.ema["generator"])))
+    report.write_png(epath.Path(workdir) / "samples" / f"grid_step{step:07d}.png",
+                     report.image_grid(x, int(config.grid_size), scale=_grid_scale(x)))
+  return hook
+
+
+def _grid_scale(x):
+  return max(1, 128 // x.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry
+
+def run(config, workdir, mode="train_and_eval"):
+  mesh = mesh_lib.make_mesh(config.mesh_shape)
+  timings = {}
+  if mode == "sample":
+    return image_eval.sample_mode(config, workdir)
+  if config.teacher.kind == "train" and mode in ("train_and_eval", "train", "train_teacher"):
+    t0 = time.time()
+    if train_teacher(config, workdir, mesh) != "done":
+      return "preempted"
+    timings["teacher_train_seconds"] = time.time() - t0
+    if mode == "train_teacher":
+      return "done"
+  setup = build_distillation(config, workdir, mesh)
+  checkpointer, writer = common.open_stage(config, workdir)
+  try:
+    t0 = time.time()
+    if mode in ("train_and_eval", "train"):
+      hooks = [(int(config.grid_every), grid_hook(config, workdir, setup))] if int(config.grid_every) else []
+      state, status, _ = distill.train_sim(config, workdir, setup, checkpointer, writer, hooks=hooks)
+      if status != "done":
+        return status
+      export_generator(workdir, setup, state, config)
+    else:
+      if not checkpointer.steps():
+        raise UserError(f"no SIM checkpoint in {workdir}; run --mode=train_and_eval first.")
+      state, _, _ = distill.setup_state(setup, config, mesh, checkpointer, init_fn=setup["init_fn"],
+                                        ema_names=("generator",))
+    timings["sim_train_seconds"] = time.time() - t0
+  finally:
+    checkpointer.close()
+  if mode in ("train_and_eval", "eval"):
+    t0 = time.time()
+    results = image_eval.evaluate(config, workdir, setup, state)
+    timings["eval_seconds"] = time.time() - t0
+    results["generator"].update(timings)
+    report.write_final(workdir, results)
+  return "done"

@@ -1,0 +1,103 @@
+"""Defaults of every image config (SIM on EDM teachers; DESIGN.md section 1); configs/*.py derive from these."""
+import ml_collections
+
+
+def _adam(lr):
+  o = ml_collections.ConfigDict()
+  o.lr = lr
+  o.b1 = 0.0          # SiD/SIM: Adam without momentum
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.warmup_steps = 0
+  o.grad_clip = 0.0   # 0 = off
+  return o
+
+
+def base_config():
+  c = ml_collections.ConfigDict()
+  c.pipeline = "image"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""
+  c.data.shape = (32, 32, 3)          # (R, R, C), NHWC
+  c.data.data_dir = ""                # tfds data dir (CIFAR-10)
+  c.data.holdout_fraction = 0.2
+  c.data.split_seed = 0
+  c.label_dim = 0                     # 0 = unconditional; one-hot class labels otherwise
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.kind = "checkpoint"       # 'checkpoint' (EDM pickle / state dict / converted dir) or 'train'
+  c.teacher.checkpoint = ""
+  c.teacher.arch = ml_collections.ConfigDict(dict(preset="ddpmpp"))
+
+  # Teacher training (teacher.kind == 'train'): EDM's loss, Adam with warm-up, EMA half-life in images.
+  tt = c.teacher_train = ml_collections.ConfigDict()
+  tt.seed = 1
+  tt.num_steps = 1000
+  tt.batch_size = 128
+  tt.p_mean = -1.2
+  tt.p_std = 1.2
+  tt.optim = _adam(1e-3)
+  tt.optim.b1 = 0.9
+  tt.optim.warmup_steps = 100
+  tt.ema_half_life_images = 500_000.0
+  tt.ema_rampup_ratio = 0.05
+  tt.log_every = 100
+  tt.checkpoint_every = 500
+
+  c.sigma_data = 0.5
+  c.sigma_min = 0.002
+  c.sigma_max = 80.0
+  c.rho = 7.0
+  c.sigma_init = 2.5                  # generator input sigma_init * z at sigma_init; stored with the generator
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.distance = "pseudo_huber"    # or "l2"
+  c.loss.huber_c = 0.03 * 55.4        # data units ([-1, 1] pixels), per-sample norm: 0.03 * sqrt(dim)
+  c.loss.normalize = True             # divide by sg(mean |x0 - D_p(x_t)|)
+  c.loss.normalize_floor = 1e-5
+  c.loss.t_max = 0.8
+
+  c.fake_p_mean = -1.2
+  c.fake_p_std = 1.2
+  c.fake_steps_per_iteration = 1
+  c.fake_warmup_steps = 0
+
+  c.batch_size = 256
+  c.num_steps = 200_000
+  c.optim = ml_collections.ConfigDict()
+  c.optim.generator = _adam(1e-5)
+  c.optim.fake = _adam(1e-5)
+  c.ema_half_life_images = 500_000.0  # 0.5 Mimg
+  c.ema_rampup_ratio = 0.0
+
+  c.mesh_shape = (-1, 1)
+  c.fsdp_min_size = 2**14
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.max_nonfinite_streak = 20
+  c.grid_every = 1000
+  c.grid_size = 8
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.features = "inception"       # or 'digit_classifier'
+  c.eval.inception_path = ""          # pt_inception-2015-12-05-6726825d.pth
+  c.eval.fid_ref = ""                 # optional EDM fid-refs .npz (mu, sigma); else computed from data
+  c.eval.num_samples = 50_000
+  c.eval.batch_size = 500
+  c.eval.teacher_steps = 18           # Heun: 35 network evaluations
+  c.eval.num_classes = 10
+  c.eval.seed = 1234
+  c.eval.classifier = ml_collections.ConfigDict(dict(steps=600, seed=0, features=64))
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.source = "generator"       # or 'teacher'
+  c.sample.checkpoint = ""            # default: workdir/generator or the run's teacher
+  c.sample.num = 1000
+  c.sample.seed = 0
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_steps = ()
+  return c

@@ -1,0 +1,204 @@
+"""SongUNet / preconditioners: parity with EDM's reference outputs, parameter counts, formulas."""
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+from simjax.networks.precond import (EDMPrecond, VEPrecond, VPPrecond, build_precond, count_params,
+                                     edm_preset_arch, param_shapes)
+from simjax.networks.songunet import SongUNet
+from simjax.teachers.edm import convert_state_dict
+from simjax.torch_files import load_state_dict
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURE_NAMES = ["edm_ddpmpp_tiny_uncond", "edm_ddpmpp_tiny_cond", "edm_ncsnpp_tiny_uncond"]
+
+
+def _fixture(name):
+  path = FIXTURES / f"{name}.npz"
+  if not path.is_file():
+    pytest.skip(f"EDM reference fixture {path} is absent (shared fixtures not checked out)")
+  return path
+
+
+def _fixture_inputs(data):
+  x = data["x_nchw"].transpose(0, 2, 3, 1)
+  class_labels = data["class_labels"] if "class_labels" in data.files else None
+  augment_labels = data["augment_labels"] if "augment_labels" in data.files else None
+  return x, data["sigma"], class_labels, augment_labels
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fixture_parity(name):
+  """Converted EDM weights reproduce EDM's own D(x, sigma) (float32, eval mode) within 1e-4.
+
+  precision=HIGHEST: on GPUs the default float32 convolutions use TF32 (seen on an H200: 5.7e-4 error).
+  """
+  path = _fixture(name)
+  with np.load(path) as data:
+    arch, variables = convert_state_dict(json.loads(str(data["config_json"])), load_state_dict(path))
+    module = build_precond(arch, precision=jax.lax.Precision.HIGHEST)
+    x, sigma, class_labels, augment_labels = _fixture_inputs(data)
+    out = jax.jit(module.apply)(variables, x, sigma, class_labels, augment_labels)
+    expected = data["denoised_nchw"].transpose(0, 2, 3, 1)
+  assert out.dtype == jnp.float32 and out.shape == expected.shape
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-4)
+
+
+def test_fixture_parity_bfloat16_is_close_but_float32_params():
+  """bfloat16 compute keeps float32 params and float32 output, and stays near the float32 result."""
+  path = _fixture("edm_ddpmpp_tiny_uncond")
+  with np.load(path) as data:
+    arch, variables = convert_state_dict(json.loads(str(data["config_json"])), load_state_dict(path))
+    x, sigma, class_labels, augment_labels = _fixture_inputs(data)
+    expected = data["denoised_nchw"].transpose(0, 2, 3, 1)
+  out = jax.jit(build_precond(arch, dtype=jnp.bfloat16).apply)(variables, x, sigma, class_labels, augment_labels)
+  assert out.dtype == jnp.float32
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+  error = np.abs(np.asarray(out) - expected).max()
+  assert 1e-5 < error < 0.1 * np.abs(expected).max()  # really bf16 (not f32), yet close
+
+
+@pytest.mark.parametrize("label_dim,expected", [(0, 55_733_891), (10, 55_735_299)])
+def test_cifar10_ddpmpp_parameter_count(label_dim, expected):
+  """EDM's CIFAR-10 DDPM++ (55.7M) has exactly EDM's parameter count; counted via eval_shape."""
+  module = build_precond(edm_preset_arch("ddpmpp", label_dim=label_dim))
+  shapes = param_shapes(module)
+  assert set(shapes) == {"params"}  # buffers are not parameters
+  assert count_params(shapes) == expected
+  block = shapes["params"]["model"]["enc"]["16x16_block0"]
+  assert block["conv0"]["kernel"].shape == (3, 3, 256, 256) and block["norm0"]["scale"].shape == (256,)
+  assert block["qkv"]["kernel"].shape == (1, 1, 256, 768)
+
+
+def _tiny_arch(**overrides):
+  arch = dict(precond="EDMPrecond", model_type="SongUNet", img_resolution=8, img_channels=3, label_dim=0,
+              model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+  arch.update(overrides)
+  return arch
+
+
+def _micro_arch(**overrides):
+  """One resolution level: the cheapest network to compile (attention only in the decoder's in0)."""
+  return _tiny_arch(channel_mult=[1], attn_resolutions=[], **overrides)
+
+
+def _random_variables(module, seed=0):
+  """Every parameter drawn N(0, 0.3^2) as in the fixtures (EDM zero-inits the output convolutions,
+  which would hide the effect of anything upstream). Drawn with numpy from eval_shape: compiling
+  jax.random init for ~100 tensors takes tens of seconds on CPU."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape), jnp.float32),
+                                param_shapes(module))
+
+
+def test_skip_encoder_and_decoder_layout():
+  """encoder_type/decoder_type 'skip' add EDM's aux layers (parameter-free aux_down/aux_up)."""
+  module = build_precond(_tiny_arch(encoder_type="skip", decoder_type="skip", resample_filter=[1, 3, 3, 1]))
+  variables = _random_variables(module)
+  params = variables["params"]["model"]
+  assert "4x4_aux_skip" in params["enc"] and "4x4_aux_down" not in params["enc"]
+  assert {"4x4_aux_norm", "4x4_aux_conv", "8x8_aux_norm", "8x8_aux_conv"} <= set(params["dec"])
+  assert "8x8_aux_up" not in params["dec"]
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  out = jax.jit(module.apply)(variables, x, jnp.array([0.1, 10.0]))
+  assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_dropout_and_label_dropout_use_the_dropout_rng():
+  module = build_precond(_micro_arch(label_dim=4, dropout=0.5, label_dropout=0.5))
+  variables = _random_variables(module)
+  x, labels = jnp.ones((2, 8, 8, 3)), jax.nn.one_hot(jnp.array([1, 3]), 4)
+  train_apply = jax.jit(lambda key: module.apply(variables, x, 1.0, labels, train=True, rngs={"dropout": key}))
+  np.testing.assert_array_equal(train_apply(jax.random.key(0)), train_apply(jax.random.key(0)))
+  assert np.abs(train_apply(jax.random.key(0)) - train_apply(jax.random.key(1))).max() > 1e-2
+  eval_apply = jax.jit(lambda: module.apply(variables, x, 1.0, labels))
+  assert np.abs(eval_apply() - train_apply(jax.random.key(0))).max() > 1e-2
+
+
+def test_class_labels_follow_edm():
+  """label_dim 0 ignores labels; a conditional net queried without labels sees all-zero labels."""
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  uncond = build_precond(_micro_arch())
+  variables = _random_variables(uncond)
+  apply = jax.jit(uncond.apply)
+  np.testing.assert_array_equal(apply(variables, x, 1.0), apply(variables, x, 1.0, jnp.ones((2, 5))))
+
+  cond = build_precond(_micro_arch(label_dim=5))
+  variables = _random_variables(cond)
+  apply = jax.jit(cond.apply)
+  without = apply(variables, x, 1.0)
+  np.testing.assert_allclose(without, apply(variables, x, 1.0, jnp.zeros((2, 5))), atol=1e-5)
+  assert np.abs(without - apply(variables, x, 1.0, jax.nn.one_hot(jnp.array([0, 4]), 5))).max() > 1e-2
+
+
+def test_bad_inputs_give_one_line_errors():
+  module = build_precond(_tiny_arch())
+  variables = param_shapes(module)
+  with pytest.raises(ValueError, match="NHWC"):
+    jax.eval_shape(module.apply, variables, jnp.zeros((1, 3, 8, 8)), 1.0)
+  with pytest.raises(ValueError, match="DhariwalUNet"):
+    build_precond({"img_resolution": 8, "img_channels": 3})
+  with pytest.raises(ValueError, match="unknown"):
+    build_precond(_tiny_arch(channels=3))
+  with pytest.raises(ValueError, match="encoder_type"):
+    param_shapes(build_precond(_tiny_arch(encoder_type="fancy")))
+
+
+class _ProbeNet(nn.Module):
+  """F(x_in, c_noise) = x_in + c_noise: lets D expose c_skip, c_out, c_in and c_noise."""
+  dtype = jnp.float32
+
+  def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train=False):
+    return x + noise_labels[:, None, None, None]
+
+
+def _probe(cls, sigma, **kwargs):
+  module = cls(model=_ProbeNet(), img_resolution=1, img_channels=1, **kwargs)
+  x = jnp.ones((1, 1, 1, 1), jnp.float32)
+  return float(module.apply({}, x, jnp.array([sigma]))[0, 0, 0, 0])
+
+
+def test_edm_preconditioning_formula():
+  # sigma = 1, sigma_data = 0.5: c_skip = 0.2, c_out = 0.5/sqrt(1.25), c_in = 1/sqrt(1.25), c_noise = 0
+  # -> D(1) = 0.2 + 0.5/1.25 = 0.6.
+  assert _probe(EDMPrecond, 1.0) == pytest.approx(0.6, abs=1e-6)
+  # sigma = e^4: c_noise = 1; sigma_data = 1: D(1) = 1/(1+s^2) + s/sqrt(1+s^2) (1/sqrt(1+s^2) + 1).
+  s = np.exp(4.0)
+  expected = 1 / (1 + s**2) + s / np.sqrt(1 + s**2) * (1 / np.sqrt(1 + s**2) + 1)
+  assert _probe(EDMPrecond, s, sigma_data=1.0) == pytest.approx(expected, rel=1e-5)
+
+
+def test_vp_preconditioning_formula():
+  # sigma = 1: c_skip = 1, c_out = -1, c_in = 1/sqrt(2),
+  # c_noise = 999 * (sqrt(0.1^2 + 2 * 19.9 * ln 2) - 0.1) / 19.9 = 258.70...
+  c_noise = 999 * (np.sqrt(0.01 + 39.8 * np.log(2.0)) - 0.1) / 19.9
+  assert c_noise == pytest.approx(258.70, abs=0.01)
+  assert _probe(VPPrecond, 1.0) == pytest.approx(1 - (1 / np.sqrt(2) + c_noise), rel=1e-5)
+  module = VPPrecond(model=_ProbeNet(), img_resolution=1, img_channels=1)
+  assert module.sigma_max == pytest.approx(np.sqrt(np.exp(10.05) - 1), rel=1e-6)  # ~152
+  assert module.sigma_min == pytest.approx(0.001, rel=1e-3)
+
+
+def test_ve_preconditioning_formula():
+  # sigma = 2: c_skip = 1, c_out = 2, c_in = 1, c_noise = ln(1) = 0 -> D(1) = 1 + 2 * 1 = 3.
+  assert _probe(VEPrecond, 2.0) == pytest.approx(3.0, abs=1e-6)
+
+
+def test_fourier_frequencies_are_an_attribute_not_a_parameter():
+  """NCSN++'s random frequencies live in the arch (module attribute): apply needs only params."""
+  arch = _micro_arch(embedding_type="fourier", channel_mult_noise=2)
+  module = build_precond(arch)
+  variables = _random_variables(module)
+  assert "map_noise" not in variables["params"]["model"]
+  x = jax.random.normal(jax.random.key(1), (1, 8, 8, 3))
+  freqs = list(np.linspace(-10.0, 10.0, 16))
+  other = build_precond({**arch, "fourier_freqs": freqs})
+  assert isinstance(other.model, SongUNet) and other.model.fourier_freqs == tuple(freqs)
+  assert np.abs(jax.jit(module.apply)(variables, x, 0.5) - jax.jit(other.apply)(variables, x, 0.5)).max() > 1e-3
+  with pytest.raises(ValueError, match="fourier_freqs"):
+    param_shapes(build_precond({**arch, "fourier_freqs": [1.0]}))
