@@ -10,8 +10,7 @@ from conftest import REPO
 
 SMALL = ["--config.num_steps={steps}", "--config.init.copy_steps=300", "--config.model.hidden=64",
          "--config.model.num_blocks=2", "--config.batch_size=128", "--config.log_every=50",
-         "--config.checkpoint_every=50", "--config.eval.num_samples=2000", "--config.eval.teacher_steps=8",
-         "--config.optim.generator.lr=3e-4", "--config.optim.fake.lr=3e-4"]
+         "--config.checkpoint_every=50", "--config.eval.num_samples=2000", "--config.eval.teacher_steps=8"]
 
 
 def run_main(workdir, steps, *extra, check=True):

@@ -186,9 +186,15 @@ def export_generator(workdir, setup, state, config):
   if jax.process_index() != 0:
     return
   out = epath.Path(workdir) / "generator"
-  edm_teachers.save_converted(out, dict(setup["arch"]), {"params": jax.device_get(state.ema["generator"])})
+  staged = epath.Path(workdir) / "generator.partial"
+  if staged.exists():
+    staged.rmtree()
+  edm_teachers.save_converted(staged, dict(setup["arch"]), {"params": jax.device_get(state.ema["generator"])})
   info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step))}
-  report.write_json(out / image_eval.GENERATOR_INFO, info)
+  report.write_json(staged / image_eval.GENERATOR_INFO, info)
+  if out.exists():  # a continued run replaces its earlier export
+    out.rmtree()
+  staged.rename(out)
 
 
 def grid_hook(config, workdir, setup):
