@@ -5,6 +5,7 @@ is written for `jax.shard_map`, gradients are averaged with explicit collectives
 whose leading dimension divides the 'fsdp' axis can be stored sharded (FSDP-style: gathered
 inside the step, its gradient reduce-scattered back by the transpose of the gather).
 """
+import logging
 import math
 import os
 from typing import Sequence
@@ -38,10 +39,25 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple:
 
 
 def make_mesh(mesh_shape: Sequence[int] = (-1, 1), devices=None) -> Mesh:
+  """The ('data', 'fsdp') mesh over `devices` (default: every device of every process).
+
+  jax.devices() lists devices process by process, so 'fsdp' (the last axis) stays inside a host
+  where it fits. On TPU the order follows the ICI torus instead (mesh_utils), so neighbours along
+  each axis are physical neighbours.
+  """
   devices = jax.devices() if devices is None else list(devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
+  grid = None
+  if devices[0].platform == "tpu":
+    try:
+      from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except Exception as e:  # pylint: disable=broad-except  # unusual slice shapes: plain order is still valid
+      logging.warning("mesh %s: no topology-aware layout (%s); using device order", shape, e)
+  if grid is None:
+    grid = np.asarray(devices).reshape(shape)
   # Mesh built directly: shard_map over unsharded (replicated) inputs needs Auto axes.
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  return Mesh(grid, AXES)
 
 
 def num_batch_shards(mesh: Mesh) -> int:
@@ -106,7 +122,10 @@ def maybe_initialize_distributed(requested: bool = False) -> bool:
   """Starts JAX's multi-host runtime when asked (flag or SIMJAX_DISTRIBUTED=1) or on a multi-worker launch.
 
   Cloud TPU pods and SLURM are auto-detected by `jax.distributed.initialize()` itself; we only decide
-  *whether* to call it, so a single-process run never waits for a coordinator.
+  *whether* to call it, so a single-process run never waits for a coordinator. Elsewhere (bare
+  clusters, tests) SIMJAX_COORDINATOR=host:port, SIMJAX_NUM_PROCESSES and SIMJAX_PROCESS_ID say where
+  to meet. On CPU, collectives across processes use gloo, jax 0.10's default
+  `jax_cpu_collectives_implementation` (tests/test_multihost.py runs 2 processes this way).
   """
   env = os.environ
   wanted = requested or env.get("SIMJAX_DISTRIBUTED", "") == "1"
@@ -116,7 +135,21 @@ def maybe_initialize_distributed(requested: bool = False) -> bool:
     return False
   kwargs = {}
   if "SIMJAX_COORDINATOR" in env:  # explicit setup (tests, bare clusters)
-    kwargs = dict(coordinator_address=env["SIMJAX_COORDINATOR"], num_processes=int(env["SIMJAX_NUM_PROCESSES"]),
-                  process_id=int(env["SIMJAX_PROCESS_ID"]))
+    kwargs = explicit_distributed_setup(env)
   jax.distributed.initialize(**kwargs)
   return True
+
+
+def explicit_distributed_setup(env) -> dict:
+  """jax.distributed.initialize kwargs from SIMJAX_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID, checked."""
+  address = env["SIMJAX_COORDINATOR"]
+  if ":" not in address:
+    raise ValueError(f"SIMJAX_COORDINATOR={address!r} needs a port; use host:port, e.g. 10.0.0.2:1234.")
+  try:
+    num, pid = int(env["SIMJAX_NUM_PROCESSES"]), int(env["SIMJAX_PROCESS_ID"])
+  except (KeyError, ValueError):
+    raise ValueError("SIMJAX_COORDINATOR is set, so SIMJAX_NUM_PROCESSES and SIMJAX_PROCESS_ID must be integers "
+                     "(set both on every process).") from None
+  if num < 1 or not 0 <= pid < num:
+    raise ValueError(f"SIMJAX_PROCESS_ID={pid} must lie in [0, SIMJAX_NUM_PROCESSES={num}); number processes 0..N-1.")
+  return dict(coordinator_address=address, num_processes=num, process_id=pid)

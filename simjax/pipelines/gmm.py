@@ -200,6 +200,7 @@ def evaluate(config, workdir, setup, state, timings=None):
          ("truth", truth)]))
   logging.info("eval: generator sliced_w2=%.4f teacher=%.4f floor=%.4f", results["generator"]["sliced_w2"],
                results["teacher"]["sliced_w2"], results["reference"]["sliced_w2"])
-  print("eval: " + " | ".join(f"{k}: sliced_w2={v['sliced_w2']:.4f} mmd={v['mmd']:.2e} "
-                              f"mode_err={v['mode_mass_max_abs_error']:.3f}" for k, v in results.items()), flush=True)
+  if jax.process_index() == 0:
+    print("eval: " + " | ".join(f"{k}: sliced_w2={v['sliced_w2']:.4f} mmd={v['mmd']:.2e} "
+                                f"mode_err={v['mode_mass_max_abs_error']:.3f}" for k, v in results.items()), flush=True)
   return results

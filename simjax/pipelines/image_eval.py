@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from simjax.diffusion import samplers
 from simjax.errors import UserError
@@ -99,7 +100,7 @@ def teacher_samples(module, variables, num, batch, seed, label_dim, config):
     x = samplers.edm_sample_stepwise(denoise, (variables, labels), z, num_steps=int(config.eval.teacher_steps),
                                      sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max),
                                      rho=float(config.rho))
-    xs.append(np.asarray(jax.device_get(x)))
+    xs.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
     ls.append(None if labels is None else np.asarray(labels))
   x = np.concatenate(xs)[:num]
   return x, (None if ls[0] is None else np.concatenate(ls)[:num])

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import checkpoint as ckpt_lib
@@ -104,8 +105,9 @@ def generate_samples(nets, gen_params, gen_extra, num: int, batch: int, seed: in
   base = jax.random.key(seed)
   for i in range(-(-num // batch)):
     x, l = one_batch(gen_params, jax.random.fold_in(base, i))
-    xs.append(jax.device_get(x))
-    ls.append(None if l is None else jax.device_get(l))
+    # Every process gets the whole batch, however the compiler laid it out across hosts.
+    xs.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
+    ls.append(None if l is None else np.asarray(multihost_utils.process_allgather(l, tiled=True)))
   x = np.concatenate(xs)[:num]
   labels = None if ls[0] is None else np.concatenate(ls)[:num]
   return x, labels
