@@ -46,6 +46,8 @@ def get_config(arg=None):
   c.grid_every = 200
 
   c.eval.features = "digit_classifier"
+  c.eval.every = 400
+  c.eval.periodic_samples = 2000
   c.eval.num_samples = 10_000
   c.eval.batch_size = 1000
   c.eval.num_classes = 10

@@ -3,9 +3,15 @@
   python -m simjax.main --config=configs/gmm2d.py --workdir=/tmp/run [--mode=train_and_eval] [--config.a.b=v]
 
 Modes: train_and_eval (default: every stage of the config, then evaluation), train, eval, sample.
-A run resumes automatically from its workdir. Bad input exits with status 2 and a one-line error.
+A run resumes automatically from its workdir. Exit status, each failure printed as one line on stderr:
+  0  finished, or preempted (SIGTERM/SIGINT: checkpointed at the current step; rerun to resume),
+  1  the run started and failed: a non-finite loss/gradient streak stopped it (the last good
+     checkpoint is kept), or an unexpected error (traceback),
+  2  bad input, nothing written to the workdir: flags, config keys/types/values, a workdir holding
+     another run, eval without a checkpoint; and a workdir whose checkpoints are all unreadable.
 """
 import logging
+import re
 import sys
 
 from absl import app, flags
@@ -23,16 +29,70 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
                                  "SIMJAX_DISTRIBUTED=1, and auto-detected on Cloud TPU pods and SLURM.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+EXIT_PREEMPTED = 0
+EXIT_RUN_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
-def fail(message: str):
+def fail(message: str, status: int = EXIT_BAD_INPUT):
   print(f"simjax: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_BAD_INPUT)
+  sys.exit(status)
 
 
-def _one_line(e: Exception) -> str:
+def _one_line(e: BaseException) -> str:
   return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _config_override_error(e: Exception, argv) -> str:
+  """ml_collections' error for `--config.KEY=...` naming no field, as one line with the fix."""
+  text = " ".join(str(a) for a in e.args) if e.args else str(e)
+  missing = re.findall(r"'(\w+)'", text)
+  hint = re.search(r'Did you mean \\?"(\w+)\\?"', text)
+  keys = [a.split("=", 1)[0][2:] for a in argv[1:] if a.startswith("--config.")]
+  bad = next((k for k in keys if missing and missing[0] in k.split(".")), keys[0] if keys else "config.?")
+  return (f"unknown config key --{bad}{f' (did you mean {hint.group(1)!r}?)' if hint else ''}; "
+          "config keys are fixed by the --config file: check the spelling against it.")
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every error (flags, config overrides, the config file) as one line + exit 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.present:
+      _CONFIG.value.keys()  # ml_collections defers a config file's load error to the first attribute access
+    return rest
+  except flags.Error as e:  # bad value for a typed field, unknown flag, missing --workdir/--config
+    message = _one_line(e)
+    if "before a value for --config" in message:
+      fix = "pass --config=FILE before any --config.KEY=VALUE"
+    elif "--config." in message:
+      fix = "give it a value of the type its default has in the config file"
+    elif "Unknown command line flag" in message:
+      fix = "see --helpfull for the accepted flags; config keys go as --config.KEY=VALUE"
+    elif "must have a value other than None" in message:
+      fix = "pass it, e.g. --config=configs/gmm2d.py --workdir=/tmp/run"
+    else:
+      fix = "see --helpfull"
+    fail(f"{message.rstrip('.')}; {fix}.")
+  except Exception as e:  # pylint: disable=broad-except  # the config file itself: missing, or it raises
+    if isinstance(e, (AttributeError, KeyError)) and any(a.startswith("--config.") for a in argv[1:]):
+      fail(_config_override_error(e, argv))  # ml_collections: --config.KEY names no field of the locked config
+    config_arg = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    detail = lines[-1][-200:] if lines else ""
+    fail(f"could not load {config_arg} ({type(e).__name__}: {detail}); pass a readable ml_collections "
+         "file defining get_config(), e.g. --config=configs/gmm2d.py.")
+
+
+def _chained(e: BaseException, kind):
+  """`e` or an exception it was raised from/while handling, if one is a `kind` (errors wrapped upstream)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, kind):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def main(argv):
@@ -42,30 +102,48 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty at INFO; progress goes to stdout
   import jax  # pylint: disable=import-outside-toplevel  # after flag parsing: --help stays fast
   jax.config.update("jax_threefry_partitionable", True)
+  from simjax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+  enable_compilation_cache()
   from simjax import pipelines, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from simjax.training import checkpoint as ckpt_lib, loop as loop_lib  # pylint: disable=import-outside-toplevel
 
-  mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value)
+  try:
+    mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value)
+  except ValueError as e:
+    fail(_one_line(e))
+  loop_lib.PREEMPTION.install()  # from here on SIGTERM/SIGINT end the run cleanly (exit 0), see loop.py
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
   config = _CONFIG.value
-  try:  # everything a user can get wrong is checked here, before the workdir is touched
-    pipeline = pipelines.get(config)
-    pipeline.validate(config, _MODE.value)
-    workdir_lib.prepare(_WORKDIR.value, config, overwrite=_OVERWRITE.value,
-                        require_run=_MODE.value in ("eval", "sample"))
-  except (ValueError, FileNotFoundError) as e:
-    fail(_one_line(e))
   try:
-    status = pipeline.run(config, _WORKDIR.value, _MODE.value)
-  except (UserError, FileNotFoundError) as e:
-    fail(_one_line(e))
+    try:  # everything a user can get wrong is checked here, before the workdir is touched
+      pipeline = pipelines.get(config)
+      pipeline.validate(config, _MODE.value)
+      workdir_lib.prepare(_WORKDIR.value, config, overwrite=_OVERWRITE.value,
+                          require_run=_MODE.value in ("eval", "sample"))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+      fail(_one_line(e))
+    try:
+      status = pipeline.run(config, _WORKDIR.value, _MODE.value)
+    except (UserError, FileNotFoundError) as e:
+      fail(_one_line(e))
+    except loop_lib.NonFiniteError as e:
+      fail(_one_line(e), EXIT_RUN_FAILED)
+    except RuntimeError as e:
+      if not _chained(e, ckpt_lib.NoCheckpointError):
+        raise
+      fail(_one_line(e))  # every checkpoint unreadable: refuse, the fix (--overwrite) is in the message
+  except loop_lib.Preempted as e:
+    print(f"simjax: preempted by signal {e.args[0] if e.args else '?'} outside the step loop; nothing unsaved "
+          "was lost; rerun the same command to resume.", file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
   if status == "preempted":
-    logging.warning("preempted; rerun the same command to resume")
+    print("simjax: preempted; checkpoint saved; rerun the same command to resume.", file=sys.stderr, flush=True)
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

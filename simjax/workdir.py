@@ -49,16 +49,18 @@ def prepare(workdir, config, *, overwrite: bool = False, require_run: bool = Fal
   `require_run` (eval, sample) refuses a workdir without checkpoints.
   """
   path = epath.Path(workdir)
-  if require_run and not (path / "checkpoints").exists():
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f"--workdir={workdir} is a file, not a directory; point --workdir at a directory.")
+  if require_run and not has_checkpoint(path):
     raise WorkdirError(f"no checkpoint in {workdir} to evaluate or sample from; train first "
                        "(--mode=train_and_eval) or point --workdir at a finished run.")
   config_json = json.loads(config.to_json_best_effort())
   recorded = path / "config.json"
-  if path.exists() and any(path.iterdir()):
+  # Our own half-written files (a kill between write and rename) do not make a workdir "another run".
+  clear = False
+  if path.exists() and any(not child.name.endswith(".tmp") for child in path.iterdir()):
     if overwrite:
-      if jax.process_index() == 0:
-        for child in path.iterdir():
-          shutil.rmtree(child) if child.is_dir() else child.unlink()
+      clear = True
     elif recorded.exists():
       try:
         old = json.loads(recorded.read_text())
@@ -71,6 +73,11 @@ def prepare(workdir, config, *, overwrite: bool = False, require_run: bool = Fal
     elif not (path / "checkpoints").exists():
       raise WorkdirError(f"workdir {workdir} is not empty and holds no simjax run; use an empty --workdir "
                          "or pass --overwrite.")
+  # Every host checks before any host writes or clears, and none goes on before the writes are done.
+  _sync("simjax_workdir_checked")
+  if jax.process_index() == 0 and clear:
+    for child in path.iterdir():
+      shutil.rmtree(child) if child.is_dir() else child.unlink()
   if jax.process_index() == 0:
     path.mkdir(parents=True, exist_ok=True)
     _write(recorded, json.dumps(config_json, indent=2, sort_keys=True) + "\n")
@@ -78,6 +85,20 @@ def prepare(workdir, config, *, overwrite: bool = False, require_run: bool = Fal
             "backend": jax.default_backend(), "num_devices": jax.device_count(),
             "num_processes": jax.process_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write(path / "run_info.json", json.dumps(info, indent=2) + "\n")
+  _sync("simjax_workdir_ready")
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def has_checkpoint(path) -> bool:
+  """Whether `path`/checkpoints holds a finished step (orbax names it by the step number; a step still
+  being written, or left by a kill, is named `<step>.orbax-checkpoint-tmp*`)."""
+  ckpts = epath.Path(path) / "checkpoints"
+  return ckpts.is_dir() and any(child.name.isdigit() for child in ckpts.iterdir())
 
 
 def _write(path: epath.Path, text: str):

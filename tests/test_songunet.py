@@ -202,3 +202,72 @@ def test_fourier_frequencies_are_an_attribute_not_a_parameter():
   assert np.abs(jax.jit(module.apply)(variables, x, 0.5) - jax.jit(other.apply)(variables, x, 0.5)).max() > 1e-3
   with pytest.raises(ValueError, match="fourier_freqs"):
     param_shapes(build_precond({**arch, "fourier_freqs": [1.0]}))
+
+
+def _reference_resample(x, resample_filter, up, padding):
+  """EDM's resampling straight from torch's definitions, in numpy loops (float64): down is
+  conv2d(x, F, groups=C, stride=2, padding) with F = outer(f, f) / sum(f)^2, gathering
+  y[i, j] = sum_ab F[a, b] x_pad[2i + a, 2j + b]; up is conv_transpose2d(x, 4 F, ...), scattering
+  y[2i + a - p, 2j + b - p] += 4 F[a, b] x[i, j]."""
+  f = np.asarray(resample_filter, np.float64)
+  kernel, k = np.outer(f, f) / f.sum()**2, len(f)
+  x = np.asarray(x, np.float64)
+  n, h, w, c = x.shape
+  if up:
+    y = np.zeros((n, 2 * (h - 1) + k, 2 * (w - 1) + k, c))
+    for i in range(h):
+      for j in range(w):
+        y[:, 2 * i:2 * i + k, 2 * j:2 * j + k, :] += 4 * kernel[None, :, :, None] * x[:, i:i + 1, j:j + 1, :]
+    return y[:, padding:y.shape[1] - padding, padding:y.shape[2] - padding, :]
+  x = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out_h, out_w = (x.shape[1] - k) // 2 + 1, (x.shape[2] - k) // 2 + 1
+  y = np.zeros((n, out_h, out_w, c))
+  for i in range(out_h):
+    for j in range(out_w):
+      y[:, i, j, :] = np.einsum("nabc,ab->nc", x[:, 2 * i:2 * i + k, 2 * j:2 * j + k, :], kernel)
+  return y
+
+
+@pytest.mark.parametrize("resample_filter", [(1, 1), (1, 3, 3, 1)])
+@pytest.mark.parametrize("size", [(4, 6), (5, 3)])
+def test_fast_resampling_equals_edm_conv_definition(resample_filter, size):
+  """The slice/reshape resampling (no grouped or dilated convolutions) equals EDM's depthwise
+  conv2d / conv_transpose2d for both filters, up and down, every padding SongUNet uses (fused: 0,
+  plain: (K-1)//2), odd sizes included (the [1,1] 2x2-block fast path needs even sizes)."""
+  from simjax.networks.songunet import _downsample, _upsample
+  x = np.random.default_rng(0).standard_normal((2,) + size + (3,)).astype(np.float32)
+  for padding in sorted({0, (len(resample_filter) - 1) // 2}):
+    for up, resample in ((True, _upsample), (False, _downsample)):
+      out = jax.jit(lambda v: resample(v, resample_filter, padding))(x)
+      expected = _reference_resample(x, resample_filter, up, padding)
+      assert out.shape == expected.shape, (up, padding)
+      np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-6, err_msg=f"up={up} padding={padding}")
+
+
+@pytest.mark.parametrize("resample_filter", [(1, 1), (1, 3, 3, 1)])
+@pytest.mark.parametrize("up", [True, False])
+def test_edm_conv2d_resampling_orders(resample_filter, up):
+  """EDMConv2d: kernel 0 is pure resampling; fused_resample moves the filter to the cheap side of a
+  3x3 convolution with EDM's paddings; both orders agree with the reference resampling + conv."""
+  from simjax.networks.songunet import EDMConv2d
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+  f_pad = (len(resample_filter) - 1) // 2
+  conv = lambda v, pad: np.asarray(jax.lax.conv_general_dilated(
+      jnp.asarray(v, jnp.float32), w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST))
+  layer = lambda kernel, fused: EDMConv2d(4 if kernel else 3, kernel, use_bias=False, up=up, down=not up,
+                                          resample_filter=resample_filter, fused_resample=fused)
+  params = lambda kernel: {"params": {"kernel": w}} if kernel else {}
+  resampled = layer(0, False).apply({}, x)
+  np.testing.assert_allclose(resampled, _reference_resample(x, resample_filter, up, f_pad), atol=1e-6)
+  plain = layer(3, False).apply(params(3), x)
+  np.testing.assert_allclose(plain, conv(_reference_resample(x, resample_filter, up, f_pad), 1), atol=1e-4)
+  fused = layer(3, True).apply(params(3), x)
+  if up:  # filter first (padding max(f_pad - 1, 0)), then the conv (padding max(1 - f_pad, 0)).
+    expected = conv(_reference_resample(x, resample_filter, True, max(f_pad - 1, 0)), max(1 - f_pad, 0))
+  else:  # conv first with padding 1 + f_pad, then the filter without padding.
+    expected = _reference_resample(conv(x, 1 + f_pad), resample_filter, False, 0)
+  assert fused.shape == expected.shape == ((2, 12, 12, 4) if up else (2, 3, 3, 4))
+  np.testing.assert_allclose(fused, expected, atol=1e-4)

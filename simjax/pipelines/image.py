@@ -237,7 +237,8 @@ def run(config, workdir, mode="train_and_eval"):
   try:
     t0 = time.time()
     if mode in ("train_and_eval", "train"):
-      hooks = [(int(config.grid_every), grid_hook(config, workdir, setup))] if int(config.grid_every) else []
+      hooks = [(int(config.grid_every), grid_hook(config, workdir, setup)),
+               (int(config.eval.every), image_eval.periodic_eval_hook(config, workdir, setup))]
       state, status, _ = distill.train_sim(config, workdir, setup, checkpointer, writer, hooks=hooks)
       if status != "done":
         return status

@@ -85,7 +85,9 @@ def base_config():
   c.eval.features = "inception"       # or 'digit_classifier'
   c.eval.inception_path = ""          # pt_inception-2015-12-05-6726825d.pth
   c.eval.fid_ref = ""                 # optional EDM fid-refs .npz (mu, sigma); else computed from data
-  c.eval.num_samples = 50_000
+  c.eval.num_samples = 50_000          # final evaluation
+  c.eval.every = 10_000               # periodic Frechet distance every N steps (0 = off) ...
+  c.eval.periodic_samples = 10_000    # ... on this many generator samples
   c.eval.batch_size = 500
   c.eval.teacher_steps = 18           # Heun: 35 network evaluations
   c.eval.num_classes = 10

@@ -162,6 +162,34 @@ def evaluate(config, workdir, setup, state):
   return results
 
 
+def periodic_eval_hook(config, workdir, setup):
+  """Every config.eval.every steps: Frechet distance of config.eval.periodic_samples EMA-generator samples,
+  appended to eval/periodic.jsonl (the cheap running FID; the full count runs at the end)."""
+  from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
+  cache = {}
+
+  def hook(step, state):
+    if not cache:
+      train, _ = image_pipeline.load_data(config)
+      cache["features"] = make_features(config, workdir, train)
+      cache["ref"] = reference_stats(config, cache["features"], train)
+    nets = setup["nets"]
+    x, labels = distill.generate_samples(nets, state.ema["generator"], setup["extra"],
+                                         int(config.eval.periodic_samples), int(config.eval.batch_size),
+                                         int(config.eval.seed), nets.label_dim)
+    row = measure(cache["features"], cache["ref"], np.clip(x, -1, 1), _labels_to_int(labels), 1,
+                  int(config.eval.num_classes))
+    row["step"] = int(step)
+    if jax.process_index() == 0:
+      path = epath.Path(workdir) / "eval" / "periodic.jsonl"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+      print(f"[eval] step {step}: generator FD={row['frechet_distance']:.3f} "
+            f"({row['num_samples']} samples)", flush=True)
+  return hook
+
+
 def write_side_by_side(workdir, teacher_x, gen_x, teacher_nfe, cols=10, rows=10):
   n = cols * rows
   scale = max(1, 96 // teacher_x.shape[1])

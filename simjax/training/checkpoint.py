@@ -1,28 +1,166 @@
-"""Checkpoints: orbax CheckpointManager (async, atomic, keep-N), with fallback past a corrupt latest step.
+"""Checkpoints: orbax CheckpointManager (async, atomic, keep-N), verified on restore, with fallback.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a step directory
-that exists is complete; a step that fails to restore anyway (truncated file, bad disk) is skipped
-with a warning and the next older one is tried.
+Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete (tmp dirs
+left by a kill are deleted at start-up), so a step directory that exists is complete. It does not
+notice corrupted array bytes, though: overwritten data files restore silently as garbage. So each
+save also stores a *fingerprint* of the state (one 32-bit hash of every leaf's bits) in the step's
+own orbax metadata, committed atomically with the arrays; a restore recomputes it and a step that
+fails to restore or to match is moved aside with a warning, and the next older one is tried.
 """
+import contextlib
+import functools
+import gc
 import logging
+import sys
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+FINGERPRINT_KEY = "simjax_fingerprint"
 
 
 class NoCheckpointError(RuntimeError):
   pass
 
 
+class CheckpointIntegrityError(RuntimeError):
+  """A restored step's state does not match the fingerprint saved with it."""
+
+
+def _fmix32(h):
+  """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _leaf_hash(x):
+  """One uint32 for the exact bits of `x`: sum_i fmix(word_i ^ fmix(i)) + size, mod 2^32.
+
+  A wrapping integer sum is exact in any order, so the hash does not depend on the sharding or
+  the device count; positions enter through the flat index, built from iotas (no reshape, so a
+  sharded leaf is never gathered).
+  """
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+    if unsigned is None:  # 8-byte types: bitcast splits each element into two words (a trailing axis)
+      words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+      words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim) * jnp.uint32(stride % 2**32)
+    stride *= words.shape[dim]
+  return jnp.sum(_fmix32(words ^ _fmix32(index)), dtype=jnp.uint32) + jnp.uint32(stride % 2**32)
+
+
+def _tree_hashes_impl(leaves):
+  if not leaves:
+    return jnp.zeros((0,), jnp.uint32)
+  return jnp.stack([_leaf_hash(x) for x in leaves])
+
+
+@functools.lru_cache(maxsize=None)
+def _tree_hashes(replicated_sharding):
+  """The jitted hash of all leaves; with a mesh, its result is replicated so every host can read it."""
+  if replicated_sharding is None:
+    return jax.jit(_tree_hashes_impl)
+  return jax.jit(_tree_hashes_impl, out_shardings=replicated_sharding)
+
+
+def _replicated_on_mesh_of(leaves):
+  for x in leaves:
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return None
+
+
+def _path_name(path) -> str:
+  """'params/generator/out/kernel' for a TrainState and for the plain dict orbax restores without a target."""
+  names = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        names.append(str(getattr(k, attr)))
+        break
+    else:
+      names.append(str(k))
+  return "/".join(names)
+
+
+def state_fingerprint(tree) -> dict:
+  """{leaf path: 8-hex-digit hash of its bits}; computed on the devices, only the hashes come back."""
+  paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in paths_leaves]
+  hashes = _tree_hashes(_replicated_on_mesh_of(leaves))(leaves)
+  if not hashes.is_fully_addressable:  # multi-host: read this host's copy of the replicated result
+    hashes = hashes.addressable_data(0)
+  hashes = np.asarray(jax.device_get(hashes))
+  return {_path_name(p): f"{int(h):08x}" for (p, _), h in zip(paths_leaves, hashes)}
+
+
+def fingerprint_mismatches(expected: dict, actual: dict):
+  """Leaf paths whose hashes differ (or that one side lacks)."""
+  return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+
+
+def _drop_closed_loop_callbacks(previous_hook):
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+      return
+    previous_hook(unraisable)
+  hook.simjax_filter = True
+  return hook
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+  """Keeps a failed orbax restore from printing hundreds of tracebacks; its failure is reported once.
+
+  The first failing array makes orbax close its event loop while tensorstore still completes the
+  other reads: each completion then raises 'Event loop is closed' into sys.unraisablehook (possibly
+  later, so that filter stays), and each orphaned task logs 'exception was never retrieved'.
+  """
+  if not getattr(sys.unraisablehook, "simjax_filter", False):
+    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+  logger = logging.getLogger("asyncio")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    gc.collect()  # the orphaned tasks log when collected: let that happen while silenced
+    logger.setLevel(level)
+
+
 class Checkpointer:
-  """Keeps the last `max_to_keep` train states under `directory`, saving every `interval` steps."""
+  """Keeps the last `max_to_keep` train states under `directory`, saving every `interval` steps.
+
+  `steps()`/`latest_step()` list finished steps only (never one whose async write is still running).
+  Callbacks in `on_restore` get the step a restore settled on (the metrics log is cut back to it).
+  """
 
   def __init__(self, directory, interval: int, max_to_keep: int = 3, async_save: bool = True):
     if interval < 1:
       raise ValueError(f"checkpoint interval must be >= 1, got {interval}; set --config.checkpoint_every.")
     self.directory = epath.Path(directory)
     self.interval = interval
+    self.on_restore = []
+    self.last_save_blocking_seconds = 0.0  # for benchmarks: how long the last save() held the caller
+    self.last_fingerprint_seconds = 0.0
+    self._in_flight = None
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -30,31 +168,92 @@ class Checkpointer:
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True))
 
   def steps(self):
-    return sorted(self.manager.all_steps())
+    steps = set(self.manager.all_steps())
+    if self._in_flight is not None and self.manager.is_saving_in_progress():
+      steps.discard(self._in_flight)  # orbax lists a step as soon as its async write starts
+    return sorted(steps)
 
   def latest_step(self):
-    return self.manager.latest_step()
+    steps = self.steps()
+    return steps[-1] if steps else None
 
   def save(self, step: int, state, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    """Starts an async save of `state` at `step` with its fingerprint; False if this step is already saved.
+
+    Blocks only while the state is copied off the devices (and for any previous save still writing).
+    """
+    if step in self.manager.all_steps():
+      return False  # e.g. a preemption at a step that was just checkpointed
+    t0 = time.perf_counter()
+    fingerprint = state_fingerprint(state)
+    t1 = time.perf_counter()
+    saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force,
+                              custom_metadata={FINGERPRINT_KEY: fingerprint})
+    if saved:
+      self._in_flight = step
+    self.last_save_blocking_seconds = time.perf_counter() - t0
+    self.last_fingerprint_seconds = t1 - t0
+    return saved
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 
-  def restore_latest_good(self, abstract_state):
-    """Restores the newest readable step; returns (state, step) or raises NoCheckpointError."""
-    errors = []
+  def verify(self, step: int, state):
+    """Raises CheckpointIntegrityError if `state` (restored from `step`) differs from what was saved."""
+    expected = (self.manager.metadata(step).custom_metadata or {}).get(FINGERPRINT_KEY)
+    if expected is None:
+      logging.warning("checkpoint step %d has no fingerprint (written before simjax stored them); "
+                      "restored unverified", step)
+      return
+    bad = fingerprint_mismatches(expected, state_fingerprint(state))
+    if bad:
+      raise CheckpointIntegrityError(f"{len(bad)} of {len(expected)} arrays differ from what was saved "
+                                     f"(first: {bad[0]}); the files are corrupted")
+
+  def restore_latest_good(self, abstract_state=None):
+    """Restores the newest step that reads back and matches its fingerprint; returns (state, step).
+
+    Unreadable steps are moved to `<directory>.unreadable/` (kept for inspection, out of the way of
+    the steps this run will write again). Raises NoCheckpointError if none is good.
+    """
+    errors, bad_steps = [], []
     for step in reversed(self.steps()):
       try:
-        state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-        if errors:
-          logging.warning("resumed from step %d after skipping unreadable checkpoints: %s", step, "; ".join(errors))
-        return state, step
+        with _quiet_asyncio():
+          state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        self.verify(step, state)
       except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped, never trusted
         msg = f"step {step}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         logging.warning("checkpoint unreadable, falling back to an older one (%s)", msg)
-        errors.append(msg)
+        errors.append(msg if len(msg) <= 160 else msg[:157] + "...")
+        bad_steps.append(step)
+        continue
+      if errors:
+        moved = self._move_aside(bad_steps)
+        logging.warning("resumed from step %d after skipping unreadable checkpoints (moved to %s): %s",
+                        step, moved, "; ".join(errors))
+        if jax.process_index() == 0:
+          print(f"warning: checkpoint(s) unreadable ({'; '.join(errors)}); moved to {moved}; "
+                f"resuming from step {step}", flush=True)
+      for callback in self.on_restore:
+        callback(step)
+      return state, step
     raise NoCheckpointError("; ".join(errors) if errors else "no checkpoint")
+
+  def _move_aside(self, steps):
+    aside = self.directory.parent / (self.directory.name + ".unreadable")
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        src = self.directory / str(step)
+        if src.exists():
+          dst = aside / f"{step}.{time.strftime('%Y%m%dT%H%M%S')}"
+          src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("simjax_checkpoint_move_aside")
+    self.manager.reload()
+    return aside
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -3,9 +3,11 @@
 Inside the loop nothing waits on the device except at the logging interval, where the metrics of
 that step are copied to the host asynchronously and written one step later.
 """
+import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -13,6 +15,7 @@ import time
 from typing import Callable, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -41,15 +44,19 @@ class MetricWriter:
     so a resumed run's log equals an uninterrupted one."""
     if not self.enabled or not self.path.exists():
       return
-    rows = [l for l in self.path.read_text().splitlines() if l.strip()]
+    text = self.path.read_text()
     kept = []
-    for l in rows:
+    for l in text.splitlines():
       try:
         if json.loads(l)["step"] <= step:
           kept.append(l)
-      except (ValueError, KeyError):
+      except (ValueError, KeyError, TypeError):
         break  # a torn last line from a kill mid-write
-    self.path.write_text("".join(l + "\n" for l in kept))
+    new_text = "".join(l + "\n" for l in kept)
+    if new_text != text:  # rewritten atomically: a kill here must not lose the rows we keep
+      tmp = self.path.parent / (self.path.name + ".tmp")
+      tmp.write_text(new_text)
+      tmp.replace(self.path)
 
 
 def _to_json(v):
@@ -60,28 +67,86 @@ def _to_json(v):
   return v.tolist()
 
 
+class Preempted(BaseException):
+  """SIGTERM/SIGINT outside the step loop (setup, evaluation): nothing to save, so unwind and exit 0.
+
+  A BaseException, like KeyboardInterrupt, so that `except Exception` in fallback code (e.g. the
+  checkpoint restore) does not mistake it for a bad file.
+  """
+
+
 class PreemptionFlag:
-  """SIGTERM/SIGINT set a flag the loop polls; the loop then checkpoints and exits cleanly."""
+  """SIGTERM/SIGINT handling for a single-process run.
+
+  Inside `deferred()` (the step loop) a signal only sets `requested`; the loop finishes its step,
+  checkpoints and returns 'preempted'. Elsewhere the handler raises `Preempted`. A second signal
+  ends the process at once (checkpoints are atomic, so this loses at most the unsaved steps).
+  Multi-host runs leave SIGTERM to JAX's preemption service (`Checkpointer.reached_preemption`),
+  which picks one step for every host; a local flag could stop the hosts at different steps.
+  Used as a context manager it installs the handlers and defers (the old behaviour).
+  """
 
   def __init__(self):
     self.requested = False
+    self.signum = None
     self._old = {}
+    self._defer_depth = 0
+
+  @property
+  def installed(self) -> bool:
+    return bool(self._old)
 
   def _handler(self, signum, frame):
     del frame
-    logging.warning("received signal %d: checkpointing and exiting", signum)
-    self.requested = True
+    if self.requested:  # the user insists: die now, with the signal's own exit status
+      logging.warning("second signal %d: exiting without a checkpoint", signum)
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self.requested, self.signum = True, signum
+    if self._defer_depth:
+      logging.warning("received signal %d: checkpointing after this step and exiting", signum)
+    else:
+      raise Preempted(signum)
 
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+  def install(self):
+    if threading.current_thread() is threading.main_thread() and not self._old:
+      signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
+      for sig in signals:
         self._old[sig] = signal.signal(sig, self._handler)
     return self
 
-  def __exit__(self, *exc):
+  def uninstall(self):
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    self._old = {}
+
+  @contextlib.contextmanager
+  def deferred(self):
+    """Signals only set the flag inside this block; installs the handlers for its duration if needed."""
+    owns = not self.installed
+    if owns:
+      self.install()
+    self._defer_depth += 1
+    try:
+      yield self
+    finally:
+      self._defer_depth -= 1
+      if owns:  # nobody outside acts on the flag: the next loop in this process starts afresh
+        self.uninstall()
+        self.requested, self.signum = False, None
+
+  def __enter__(self):
+    self._ctx = self.deferred()
+    return self._ctx.__enter__()
+
+  def __exit__(self, *exc):
+    self._ctx.__exit__(*exc)
     return False
+
+
+# The process's one flag: main installs it for the whole run; run_loop defers inside it.
+PREEMPTION = PreemptionFlag()
 
 
 def format_duration(seconds: float) -> str:
@@ -98,26 +163,37 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
 
   step_fn(step) returns the compiled step for that step number (e.g. without the generator update
   during a warm-up); hooks are (every, fn(step, state)) run after the step that reaches a multiple.
+
+  Guarantees that make a killed run resume exactly: every metrics row up to a step is written
+  before that step's checkpoint starts, so cutting the log back to the restored step
+  (`MetricWriter.truncate_after`) reproduces an uninterrupted log; and no checkpoint is started
+  for a state past `max_nonfinite_streak` skipped steps in a row (NonFiniteError instead).
   """
   step = int(jax.device_get(state.step))
   start_step, t_start = step, time.time()
   t_log, step_log = t_start, step
-  pending: Optional[Tuple[int, dict, float]] = None
+  pending: Optional[Tuple[int, dict, float, object]] = None
   is_main = jax.process_index() == 0
+
+  def check_finite(at_step: int, longest_streak: int):
+    if longest_streak >= max_nonfinite_streak:
+      checkpointer.wait()  # let the last good save finish before naming it
+      last = checkpointer.latest_step()
+      raise NonFiniteError(
+          f"{stage}: {longest_streak} consecutive steps had a non-finite loss or gradient (by step {at_step}; "
+          f"limit max_nonfinite_streak={max_nonfinite_streak}); the last good checkpoint (step {last}) is kept. "
+          "Lower the learning rate or check the teacher, then rerun to resume from it.")
 
   def flush():
     nonlocal pending
     if pending is None:
       return
-    p_step, p_metrics, p_rate = pending
+    p_step, p_metrics, p_rate, p_longest = pending
     pending = None
     host = jax.device_get(p_metrics)
     host["steps_per_sec"] = p_rate
     writer.write(p_step, host)
-    if int(host.get("nonfinite_streak", 0)) >= max_nonfinite_streak:
-      raise NonFiniteError(
-          f"{stage}: {max_nonfinite_streak} consecutive steps had a non-finite loss or gradient (up to step {p_step}); "
-          "the last good checkpoint is kept. Lower the learning rate or check the teacher, then resume.")
+    check_finite(p_step, max(int(host.get("nonfinite_streak", 0)), int(jax.device_get(p_longest))))
     if is_main:
       done = p_step - start_step
       eta = (num_steps - p_step) / max(p_rate, 1e-9)
@@ -125,7 +201,24 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
       print(f"[{stage}] step {p_step}/{num_steps} ({100 * p_step / max(num_steps, 1):.1f}%) {shown} "
             f"| {p_rate:.2f} steps/s | ETA {format_duration(eta)} | {done} steps this run", flush=True)
 
-  with PreemptionFlag() as preempt:
+  def longest_streak(s):
+    # A device-side copy: `s` itself is donated to the next step before the host reads this.
+    nonfinite = getattr(s, "nonfinite", None)
+    return jnp.copy(nonfinite["max_streak"]) if nonfinite else jnp.zeros((), jnp.int32)
+
+  def stop_for_preemption(s):
+    flush()
+    check_finite(step, int(jax.device_get(longest_streak(s))))
+    checkpointer.save(step, s, force=True)  # a no-op if this step was just checkpointed
+    checkpointer.wait()
+    logging.warning("%s: preempted at step %d; checkpoint saved", stage, step)
+    if is_main:
+      print(f"[{stage}] preempted at step {step}: checkpoint saved; rerun the same command to resume", flush=True)
+    return s, "preempted"
+
+  with PREEMPTION.deferred() as preempt:
+    if preempt.requested:  # signalled before the loop (an earlier stage): nothing new to save
+      return state, "preempted"
     while step < num_steps:
       state, metrics = step_fn(step)(state, consts)
       step += 1
@@ -134,23 +227,23 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
         now = time.time()
         rate = (step - step_log) / max(now - t_log, 1e-9)
         t_log, step_log = now, step
-        for v in jax.tree.leaves(metrics):
+        longest = longest_streak(state)
+        for v in jax.tree.leaves((metrics, longest)):
           v.copy_to_host_async()
-        pending = (step, metrics, rate)
+        pending = (step, metrics, rate, longest)
       if step % checkpointer.interval == 0 or step == num_steps:
         flush()  # never checkpoint past an unnoticed non-finite stop
+        check_finite(step, int(jax.device_get(longest_streak(state))))  # the save waits for this step anyway
         checkpointer.save(step, state, force=True)
       for every, hook in hooks:
         if every and step % every == 0:
           hook(step, state)
       if preempt.requested or checkpointer.reached_preemption(step):
-        flush()
-        checkpointer.save(step, state, force=True)
-        checkpointer.wait()
-        logging.warning("%s: preempted at step %d; checkpoint saved", stage, step)
-        return state, "preempted"
+        return stop_for_preemption(state)
     flush()
-  checkpointer.wait()
+    checkpointer.wait()
+    if preempt.requested:  # signalled while the last save finished: stop before evaluation
+      return stop_for_preemption(state)
   if is_main:
     print(f"[{stage}] finished {num_steps} steps in {format_duration(time.time() - t_start)}", flush=True)
   sys.stdout.flush()

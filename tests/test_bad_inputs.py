@@ -1,0 +1,156 @@
+"""Bad input to `simjax.main`: one line on stderr naming the problem and the fix, exit status 2, and
+the workdir untouched (absent stays absent; an existing one keeps every byte and mtime).
+
+Each case is one subprocess. They run concurrently in a module fixture (most stop at flag parsing
+or validation, before any compile: ~1-3 s each). To add a case (e.g. the image teacher's missing
+checkpoint or wrong resolution), append a `Case` to CASES; `setup` may prepare the workdir.
+"""
+import concurrent.futures
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import pytest
+
+from conftest import REPO
+
+CONFIG = "--config=configs/gmm2d.py"
+
+
+class Case(NamedTuple):
+  id: str
+  args: Sequence[str]           # after `python -m simjax.main`; "{workdir}" is filled in
+  expect: str                   # a substring of the one error line
+  setup: Optional[Callable[[Path], None]] = None  # builds the workdir before the run (else it is absent)
+  env: Optional[dict] = None
+
+
+def gmm2d_config_json(**overrides) -> str:
+  """config.json as `workdir.prepare` writes it for configs/gmm2d.py (plus overrides)."""
+  sys.path.insert(0, str(REPO / "configs"))
+  try:
+    import gmm2d  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  config = gmm2d.get_config()
+  for key, value in overrides.items():
+    config[key] = value
+  return json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True) + "\n"
+
+
+def another_run(wd: Path):
+  wd.mkdir()
+  (wd / "config.json").write_text(gmm2d_config_json(seed=7))
+  (wd / "metrics.jsonl").write_text('{"step": 100, "gen_loss": -1.0}\n')
+  (wd / "checkpoints" / "100").mkdir(parents=True)
+
+
+def foreign_files(wd: Path):
+  wd.mkdir()
+  (wd / "notes.txt").write_text("my thesis, not a simjax run\n")
+
+
+def unfinished_checkpoint_only(wd: Path):
+  """A run killed during its first checkpoint write: nothing to evaluate."""
+  wd.mkdir()
+  (wd / "config.json").write_text(gmm2d_config_json())
+  (wd / "checkpoints" / "5.orbax-checkpoint-tmp").mkdir(parents=True)
+
+
+def a_file(wd: Path):
+  wd.write_text("not a directory\n")
+
+
+TWO_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+CASES = [
+    # Flags and config overrides (ml_collections / absl parse errors).
+    Case("unknown_config_key", [CONFIG, "--workdir={workdir}", "--config.bogus=1"], "unknown config key --config.bogus"),
+    Case("misspelt_config_key", [CONFIG, "--workdir={workdir}", "--config.batchsize=64"], "did you mean 'batch_size'"),
+    Case("nested_unknown_key", [CONFIG, "--workdir={workdir}", "--config.optim.generator.lrate=1e-3"],
+         "unknown config key --config.optim.generator.lrate"),
+    Case("int_field_given_text", [CONFIG, "--workdir={workdir}", "--config.batch_size=abc"], "--config.batch_size=abc"),
+    Case("bool_field_given_text", [CONFIG, "--workdir={workdir}", "--config.loss.normalize=maybe"],
+         "--config.loss.normalize=maybe"),
+    Case("unknown_flag", [CONFIG, "--workdir={workdir}", "--learning_rate=1"], "Unknown command line flag 'learning_rate'"),
+    Case("missing_config_file", ["--config=configs/no_such_config.py", "--workdir={workdir}"],
+         "could not load --config=configs/no_such_config.py"),
+    Case("missing_workdir_flag", [CONFIG], "--workdir"),
+    Case("unknown_mode", [CONFIG, "--workdir={workdir}", "--mode=finetune"], "--mode"),
+    # Inconsistent settings (pipeline.validate).
+    Case("non_positive_sigma_init", [CONFIG, "--workdir={workdir}", "--config.sigma_init=0"], "sigma_init must be > 0"),
+    Case("negative_learning_rate", [CONFIG, "--workdir={workdir}", "--config.optim.generator.lr=-1e-4"], "lr must be > 0"),
+    Case("sigma_min_above_sigma_max", [CONFIG, "--workdir={workdir}", "--config.sigma_min=100.0"],
+         "sigma_min (100.0) must be below sigma_max"),
+    Case("batch_not_divisible_by_devices", [CONFIG, "--workdir={workdir}", "--config.batch_size=3"],
+         "batch_size=3 is not divisible by the 2 devices", env=TWO_CPU_DEVICES),
+    Case("mixture_shapes_mismatch", [CONFIG, "--workdir={workdir}", "--config.teacher.means=((0.,1.),(1.,0.))"],
+         "teacher.stds must have one entry per component"),
+    # The workdir.
+    Case("workdir_holds_another_config", [CONFIG, "--workdir={workdir}"], "holds a run with a different config (seed)",
+         setup=another_run),
+    Case("workdir_holds_foreign_files", [CONFIG, "--workdir={workdir}"], "holds no simjax run", setup=foreign_files),
+    Case("workdir_is_a_file", [CONFIG, "--workdir={workdir}"], "is a file, not a directory", setup=a_file),
+    Case("eval_without_workdir", [CONFIG, "--workdir={workdir}", "--mode=eval"], "no checkpoint"),
+    Case("eval_with_only_an_unfinished_checkpoint", [CONFIG, "--workdir={workdir}", "--mode=eval"], "no checkpoint",
+         setup=unfinished_checkpoint_only),
+]
+
+
+def snapshot(path: Path):
+  """Every entry under `path` with its kind, bytes (hashed) and mtime; None if absent."""
+  if not path.exists():
+    return None
+  if path.is_file():
+    return {".": ("file", hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)}
+  out = {".": ("dir", None, path.stat().st_mtime_ns)}
+  for p in sorted(path.rglob("*")):
+    digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+    out[str(p.relative_to(path))] = ("file" if p.is_file() else "dir", digest, p.stat().st_mtime_ns)
+  return out
+
+
+def run_case(case: Case, root: Path):
+  wd = root / case.id / "workdir"
+  wd.parent.mkdir(parents=True)
+  if case.setup:
+    case.setup(wd)
+  before = snapshot(wd)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(case.env or {})
+  cmd = [sys.executable, "-m", "simjax.main"] + [a.format(workdir=wd) for a in case.args]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return proc, before, snapshot(wd)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+  root = tmp_path_factory.mktemp("bad_inputs")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+    futures = {c.id: pool.submit(run_case, c, root) for c in CASES}
+    return {k: f.result() for k, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_refused_in_one_line_without_touching_the_workdir(outcomes, case):
+  proc, before, after = outcomes[case.id]
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-2000:]}"
+  assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr[-2000:]}"
+  assert lines[0].startswith("simjax: error: ") and case.expect in lines[0], lines[0]
+  assert len(lines[0]) < 400 and "Traceback" not in proc.stderr
+  assert proc.stdout.strip() == "", proc.stdout[-1000:]
+  assert after == before, "the workdir must be left exactly as it was"
+
+
+def test_error_lines_say_how_to_fix(outcomes):
+  """Every message points at a fix: a flag or config key to set, or a workdir choice."""
+  hints = ("--config", "--workdir", "--overwrite", "--mode", "--helpfull", "set ", "make it", "normalise", "pass ",
+           "give it", "train first", "point --workdir")
+  for case in CASES:
+    line = outcomes[case.id][0].stderr.strip()
+    assert any(h in line for h in hints), f"{case.id}: no fix in {line!r}"
