@@ -35,7 +35,7 @@ def get_config(arg=None):
 
   # SIM: generator and fake score start as copies of the teacher.
   c.batch_size = 64
-  c.num_steps = 800
+  c.num_steps = 2000
   # As on the analytic teacher, the fake score learns faster than the generator so it keeps up.
   c.optim.generator.lr = 5e-5
   c.optim.fake.lr = 2e-4
