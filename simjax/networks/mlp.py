@@ -1,5 +1,5 @@
 """An EDM-preconditioned MLP denoiser for vector data (the generator and fake score of vector runs)."""
-from typing import Optional, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax

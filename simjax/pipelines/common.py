@@ -1,5 +1,4 @@
 """What every pipeline does around its stages: checkpoints and metrics for a stage, shared checks."""
-import jax
 from etils import epath
 
 from simjax.parallel import mesh as mesh_lib

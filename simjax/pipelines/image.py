@@ -7,8 +7,6 @@ Stages, each resumable from the workdir:
   generator/  the EMA generator exported with its arch and sigma_init;
   eval/       Frechet distances (digit-classifier features or FID Inception), class histograms.
 """
-import json
-import logging
 import time
 
 import jax

@@ -171,6 +171,7 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
   """
   step = int(jax.device_get(state.step))
   start_step, t_start = step, time.time()
+  eta_base = []  # (time, step, rate) at the first log
   t_log, step_log = t_start, step
   pending: Optional[Tuple[int, dict, float, object]] = None
   is_main = jax.process_index() == 0
@@ -196,7 +197,13 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
     check_finite(p_step, max(int(host.get("nonfinite_streak", 0)), int(jax.device_get(p_longest))))
     if is_main:
       done = p_step - start_step
-      eta = (num_steps - p_step) / max(p_rate, 1e-9)
+      # ETA from the mean rate since the first log (after compilation): single intervals are jumpy
+      # because of hooks and checkpoints.
+      if not eta_base:
+        eta_base.extend([time.time(), p_step, p_rate])
+      t0, s0, r0 = eta_base
+      mean_rate = (p_step - s0) / (time.time() - t0) if p_step > s0 else r0
+      eta = (num_steps - p_step) / max(mean_rate, 1e-9)
       shown = " ".join(f"{k}={float(host[k]):.4g}" for k in progress_keys if k in host)
       print(f"[{stage}] step {p_step}/{num_steps} ({100 * p_step / max(num_steps, 1):.1f}%) {shown} "
             f"| {p_rate:.2f} steps/s | ETA {format_duration(eta)} | {done} steps this run", flush=True)

@@ -5,7 +5,6 @@ Noise for the *global* batch is drawn outside shard_map from fold_in(base_key, s
 `jax_threefry_partitionable` the numbers do not depend on the device count. Per-device losses and
 gradients run inside `jax.shard_map`, averaged with explicit collectives (DESIGN.md section 2).
 """
-import functools
 from typing import Callable, Dict
 
 import jax
