@@ -71,37 +71,40 @@ def test_stochastic_sampler_needs_key_and_is_seeded():
 
 
 def test_dsm_drives_fake_score_toward_exact_gaussian_score():
+  """DSM on samples of N(mu, diag(std^2)) learns its exact score over the noise levels SIM uses
+  (sigma >= 0.1; t_max = 0.8 keeps the generator loss above ~0.085)."""
   mu, std = jnp.array([0.4, -0.3]), jnp.array([0.3, 0.6])
   net = MLPDenoiser(data_dim=2, hidden=64, num_blocks=2, emb_features=32)
   params = net.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.ones((1,)))["params"]
-  opt = optax.adam(2e-3)
+  opt = optax.adam(1e-3)
   denoise = lambda p, x, s: net.apply({"params": p}, x, s)
 
   def exact(x, s):  # E[x0 | x_t] for x0 ~ N(mu, diag(std^2))
     v = std**2
     return mu + v / (v + s[:, None] ** 2) * (x - mu)
 
-  def eval_err(p):
+  def score_rel_err(p):
+    """RMS over samples of |s_net - s_exact| / |s_exact| (the sigma^2 of the scores cancels)."""
     k = jax.random.key(99)
-    s = jnp.exp(jnp.linspace(jnp.log(0.05), jnp.log(5.0), 512))
+    s = jnp.exp(jnp.linspace(jnp.log(0.1), jnp.log(5.0), 512))
     x = mu + std * jax.random.normal(k, (512, 2)) + s[:, None] * jax.random.normal(jax.random.fold_in(k, 1), (512, 2))
-    score_err = (denoise(p, x, s) - exact(x, s)) / s[:, None] ** 2
-    score_ref = (exact(x, s) - x) / s[:, None] ** 2
-    return float(jnp.sqrt(jnp.mean(score_err**2) / jnp.mean(score_ref**2)))
+    err = jnp.sum((denoise(p, x, s) - exact(x, s)) ** 2, 1)
+    ref = jnp.sum((exact(x, s) - x) ** 2, 1)
+    return float(jnp.sqrt(jnp.mean(err / ref)))
 
   @jax.jit
   def step(p, o, k):
     k1, k2 = jax.random.split(k)
-    x0 = mu + std * jax.random.normal(k1, (256, 2))
+    x0 = mu + std * jax.random.normal(k1, (512, 2))
     sigma, eps = dsm.draw_dsm_noise(k2, x0.shape)
     loss, g = jax.value_and_grad(dsm.dsm_loss)(p, denoise, x0, sigma, eps)
     u, o = opt.update(g, o, p)
     return optax.apply_updates(p, u), o, loss
 
-  before = eval_err(params)
+  before = score_rel_err(params)
   o = opt.init(params)
-  for i in range(800):
+  for i in range(1500):
     params, o, _ = step(params, o, jax.random.key(i))
-  after = eval_err(params)
-  assert after < 0.1, (before, after)
-  assert after < 0.3 * before, (before, after)
+  after = score_rel_err(params)
+  assert after < 0.12, (before, after)   # measured 0.076 (from 1.50)
+  assert after < 0.1 * before, (before, after)
