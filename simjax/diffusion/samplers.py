@@ -66,15 +66,15 @@ def edm_sample(denoise, latents, *, num_steps=18, sigma_min=edm.SIGMA_MIN, sigma
   return step(num_steps - 1, x, with_correction=False)
 
 
-def edm_sample_stepwise(denoise_fn, params, latents, *, num_steps=18, sigma_min=edm.SIGMA_MIN,
-                        sigma_max=edm.SIGMA_MAX, rho=edm.RHO, solver="heun", s_churn=0.0, s_min=0.0,
-                        s_max=float("inf"), s_noise=1.0, key=None):
-  """The same sampler driven from the host: one compiled step, dispatched num_steps times.
+def make_stepwise_sampler(denoise_fn, *, num_steps=18, sigma_min=edm.SIGMA_MIN, sigma_max=edm.SIGMA_MAX,
+                          rho=edm.RHO, solver="heun", s_churn=0.0, s_min=0.0, s_max=float("inf"), s_noise=1.0):
+  """EDM's sampler driven from the host: one compiled step, dispatched num_steps times.
 
-  denoise_fn(params, x, sigma) takes its parameters as an argument, so large networks are never
-  baked into the compiled step as constants. Same results as `edm_sample`.
+  Returns sample(params, latents, key=None). denoise_fn(params, x, sigma) takes its parameters as an
+  argument, so large networks are never baked into the compiled step as constants; build the sampler
+  once and call it per batch, and the step compiles once. Same results as `edm_sample`.
   """
-  _check(solver, s_churn, key)
+  _check(solver, 0.0, None)  # the solver now; the churn key on each call
   sigmas = edm.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
 
   @functools.partial(jax.jit, static_argnums=3)
@@ -82,10 +82,18 @@ def edm_sample_stepwise(denoise_fn, params, latents, *, num_steps=18, sigma_min=
     step = _make_step(lambda v, s: denoise_fn(p, v, s), sigmas, num_steps, s_churn, s_min, s_max, s_noise, k)
     return step(i, x, with_correction)
 
-  x = jnp.asarray(latents, jnp.float32) * sigmas[0]
-  for i in range(num_steps):
-    x = one(params, x, jnp.int32(i), solver == "heun" and i < num_steps - 1, key)
-  return x
+  def sample(params, latents, key=None):
+    _check(solver, s_churn, key)
+    x = jnp.asarray(latents, jnp.float32) * sigmas[0]
+    for i in range(num_steps):
+      x = one(params, x, jnp.int32(i), solver == "heun" and i < num_steps - 1, key)
+    return x
+  return sample
+
+
+def edm_sample_stepwise(denoise_fn, params, latents, *, key=None, **settings):
+  """One host-driven sampler run; see `make_stepwise_sampler` (use that to sample many batches)."""
+  return make_stepwise_sampler(denoise_fn, **settings)(params, latents, key)
 
 
 def heun_sample(denoise, latents, num_steps=18, **kwargs):

@@ -91,15 +91,16 @@ def teacher_samples(module, variables, num, batch, seed, label_dim, config):
     return module.apply(v, x, s, labels)
 
   shape = (module.img_resolution, module.img_resolution, module.img_channels)
+  sample = samplers.make_stepwise_sampler(denoise, num_steps=int(config.eval.teacher_steps),
+                                          sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max),
+                                          rho=float(config.rho))
   xs, ls = [], []
   base = jax.random.key(seed)
   for i in range(-(-num // batch)):
     k_z, k_l = jax.random.split(jax.random.fold_in(base, i))
     z = jax.random.normal(k_z, (batch,) + shape, jnp.float32)
     labels = (jax.nn.one_hot(jax.random.randint(k_l, (batch,), 0, label_dim), label_dim) if label_dim else None)
-    x = samplers.edm_sample_stepwise(denoise, (variables, labels), z, num_steps=int(config.eval.teacher_steps),
-                                     sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max),
-                                     rho=float(config.rho))
+    x = sample((variables, labels), z)
     xs.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
     ls.append(None if labels is None else np.asarray(labels))
   x = np.concatenate(xs)[:num]
@@ -167,16 +168,16 @@ def periodic_eval_hook(config, workdir, setup):
   appended to eval/periodic.jsonl (the cheap running FID; the full count runs at the end)."""
   from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
   cache = {}
+  nets = setup["nets"]
+  # Built once: every periodic eval reuses the compiled generator batch.
+  sample = distill.make_generator_sampler(nets, setup["extra"], int(config.eval.batch_size), nets.label_dim)
 
   def hook(step, state):
     if not cache:
       train, _ = image_pipeline.load_data(config)
       cache["features"] = make_features(config, workdir, train)
       cache["ref"] = reference_stats(config, cache["features"], train)
-    nets = setup["nets"]
-    x, labels = distill.generate_samples(nets, state.ema["generator"], setup["extra"],
-                                         int(config.eval.periodic_samples), int(config.eval.batch_size),
-                                         int(config.eval.seed), nets.label_dim)
+    x, labels = sample(state.ema["generator"], int(config.eval.periodic_samples), int(config.eval.seed))
     row = measure(cache["features"], cache["ref"], np.clip(x, -1, 1), _labels_to_int(labels), 1,
                   int(config.eval.num_classes))
     row["step"] = int(step)

@@ -17,6 +17,7 @@ from simjax.training import checkpoint as ckpt_lib
 from simjax.training import loop as loop_lib
 from simjax.training import sim_steps
 from simjax.training import state as state_lib
+from simjax.training.networks import one_hot_labels
 
 
 def compile_logged(fn, name, *args):
@@ -92,22 +93,29 @@ def ema_generator_params(state):
   return state.ema["generator"]
 
 
-def generate_samples(nets, gen_params, gen_extra, num: int, batch: int, seed: int, label_dim: int = 0):
-  """num one-step samples (and one-hot labels) from the generator, in batches, deterministic in seed."""
+def make_generator_sampler(nets, gen_extra, batch: int, label_dim: int = 0):
+  """sample(gen_params, num, seed) -> (x, one-hot labels or None): one-step samples in batches,
+  deterministic in seed. The batch function compiles once per sampler, so build it once and reuse it."""
   @jax.jit
   def one_batch(p, key):
     k_z, k_l = jax.random.split(key)
     z = jax.random.normal(k_z, (batch,) + tuple(nets.data_shape), jnp.float32)
-    labels = sim_steps.one_hot_labels(k_l, batch, label_dim)
+    labels = one_hot_labels(k_l, batch, label_dim)
     return nets.generate(p, gen_extra, z, labels), labels
 
-  xs, ls = [], []
-  base = jax.random.key(seed)
-  for i in range(-(-num // batch)):
-    x, l = one_batch(gen_params, jax.random.fold_in(base, i))
-    # Every process gets the whole batch, however the compiler laid it out across hosts.
-    xs.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
-    ls.append(None if l is None else np.asarray(multihost_utils.process_allgather(l, tiled=True)))
-  x = np.concatenate(xs)[:num]
-  labels = None if ls[0] is None else np.concatenate(ls)[:num]
-  return x, labels
+  def sample(gen_params, num: int, seed: int):
+    xs, ls = [], []
+    base = jax.random.key(seed)
+    for i in range(-(-num // batch)):
+      x, l = one_batch(gen_params, jax.random.fold_in(base, i))
+      # Every process gets the whole batch, however the compiler laid it out across hosts.
+      xs.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
+      ls.append(None if l is None else np.asarray(multihost_utils.process_allgather(l, tiled=True)))
+    x = np.concatenate(xs)[:num]
+    return x, (None if ls[0] is None else np.concatenate(ls)[:num])
+  return sample
+
+
+def generate_samples(nets, gen_params, gen_extra, num: int, batch: int, seed: int, label_dim: int = 0):
+  """num one-step samples (and one-hot labels) from the generator; see `make_generator_sampler`."""
+  return make_generator_sampler(nets, gen_extra, batch, label_dim)(gen_params, num, seed)
