@@ -104,10 +104,6 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
     out_specs = (P(), specs["fake"] if fn is fake_local else specs["generator"])
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
-  def apply_update(name, params, opt_state, grads):
-    updates, opt_state = optimizers[name].update(grads, opt_state, params)
-    return jax.tree.map(jnp.add, params, updates), opt_state
-
   def iteration(state: state_lib.TrainState, consts):
     key = jax.random.fold_in(base_key, state.step)
     params, opt_state = dict(state.params), dict(state.opt_state)
@@ -121,7 +117,8 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       loss, grads = sharded(fake_local, z, labels)(params["generator"], params["fake"], consts, z, labels,
                                                     constrain_batch(sigma, mesh), constrain_batch(eps, mesh), k_rng)
       loss = inject_nonfinite(loss, state.step, config)
-      params["fake"], opt_state["fake"] = apply_update("fake", params["fake"], opt_state["fake"], grads)
+      params["fake"], opt_state["fake"] = state_lib.apply_optimizer(optimizers["fake"], params["fake"],
+                                                                    opt_state["fake"], grads)
       fake_losses.append(loss)
       fake_norms.append(state_lib.global_norm(grads))
     metrics["fake_loss"] = jnp.mean(jnp.stack(fake_losses))
@@ -136,8 +133,8 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       eps = jax.random.normal(k_eps, z.shape, jnp.float32)
       loss, grads = sharded(gen_local, z, labels)(params["generator"], params["fake"], consts, z, labels,
                                                    constrain_batch(sigma, mesh), constrain_batch(eps, mesh), k_rng)
-      params["generator"], opt_state["generator"] = apply_update("generator", params["generator"],
-                                                                 opt_state["generator"], grads)
+      params["generator"], opt_state["generator"] = state_lib.apply_optimizer(
+          optimizers["generator"], params["generator"], opt_state["generator"], grads)
       decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
       ema["generator"] = state_lib.ema_update(ema["generator"], params["generator"], decay)
       metrics.update(gen_loss=loss, gen_grad_norm=state_lib.global_norm(grads), ema_decay=decay)

@@ -37,6 +37,12 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
+def apply_optimizer(optimizer: optax.GradientTransformation, params, opt_state, grads):
+  """One optimizer update: (new params, new optimizer state)."""
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def ema_decay(step, batch_size: int, half_life_images: float, rampup_ratio=None):
   """Per-step EMA decay from a half-life given in images (EDM): 0.5 ** (batch / half_life).
 

@@ -48,8 +48,8 @@ def make_teacher_step(denoiser: Denoiser, config, mesh, specs, optimizer, *, lab
     loss, grads = fn(state.params["denoiser"], consts["extra"], x0, labels, constrain_batch(sigma, mesh),
                      constrain_batch(eps, mesh), k_rng)
     loss = inject_nonfinite(loss, state.step, config)
-    updates, opt_state = optimizer.update(grads, state.opt_state["denoiser"], state.params["denoiser"])
-    params = jax.tree.map(jnp.add, state.params["denoiser"], updates)
+    params, opt_state = state_lib.apply_optimizer(optimizer, state.params["denoiser"], state.opt_state["denoiser"],
+                                                  grads)
     decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
     ema = state_lib.ema_update(state.ema["denoiser"], params, decay)
     candidate = state.replace(step=state.step + 1, params={"denoiser": params}, opt_state={"denoiser": opt_state},
