@@ -1,40 +1,76 @@
-"""Benchmarks the SIM iteration against the sum of its necessary network passes.
+"""Benchmarks the SIM iteration against the sum of its necessary network passes, per perf variant.
 
-  python benchmarks/sim_step.py --size=digits --batch=128            # one JSON line per case
-  python benchmarks/sim_step.py --size=cifar10 --batch=8 --quick
-  python benchmarks/sim_step.py --size=cifar10 --batch=128 --dtype=bfloat16   (GPU)
+  python benchmarks/sim_step.py --config=configs/digits.py                  # one JSON line per case
+  python benchmarks/sim_step.py --config=configs/cifar10.py --batch=4 --quick
+  python benchmarks/sim_step.py --config=configs/cifar10.py --batch=128 --variant=f32 --variant=bf16   (GPU)
+  python benchmarks/sim_step.py --config=configs/cifar10.py --memory --batch=8 --batch=32 --variant=f32 \
+      --variant=remat_blocks --variant=remat_full                            # peak memory against batch
+
+The network is the config's teacher architecture (`teacher.arch`), with EDM-scaled random weights; the
+batch is the config's unless --batch is given. A variant is a set of `config.perf` switches (VARIANTS),
+so every optimisation is measured against the plain step in the same process.
 
 Per case: compile time; median ms per fake-score step, generator step and full iteration; images/s;
-the sum of parts (generator fwd+bwd, teacher fwd+vjp, fake fwd+vjp, generator fwd + fake fwd+bwd,
-each its own jitted function, timed in the same run) and iteration / sum of parts; FLOPs per
-iteration from XLA's cost analysis and achieved FLOP/s as a fraction of this machine's measured
-dense-matmul peak; peak device memory from XLA's memory analysis.
+the sum of parts -- the necessary passes each as its own jitted function, in the same dtype and remat
+as the step: generator fwd+bwd (train mode, dropout), teacher fwd+vjp, fake fwd+vjp, and the DSM
+step's generator fwd + fake fwd+bwd -- and iteration / sum of parts; FLOPs per iteration from XLA's
+cost analysis (which counts recomputation) and model FLOPs (the parts' FLOPs); achieved FLOP/s as a
+fraction of this machine's dense-matmul peak measured in the same run (in the compute dtype), and
+model-FLOPs utilisation against it; peak device memory from XLA's memory analysis. `--memory` only
+compiles the generator step (where the three networks' activations meet) and reports its memory.
 """
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from simjax.networks import precond as precond_lib  # noqa: E402
 from simjax.parallel import mesh as mesh_lib  # noqa: E402
-from simjax.pipelines.image_defaults import base_config  # noqa: E402
+from simjax.pipelines.image import teacher_arch_from_config  # noqa: E402
+from simjax.training import perf as perf_lib  # noqa: E402
 from simjax.training import sim_steps  # noqa: E402
 from simjax.training import state as state_lib  # noqa: E402
 from simjax.training.networks import Denoiser, DistillNetworks  # noqa: E402
 
-SIZES = {
-    "digits": dict(img_resolution=8, img_channels=1, model_channels=32, channel_mult=(1, 2), num_blocks=1,
-                   attn_resolutions=(4,), augment_dim=0, dropout=0.1, channel_mult_emb=2),
-    "cifar10": dict(img_resolution=32, img_channels=3, augment_dim=9, dropout=0.13),  # EDM's DDPM++ (55.7M)
+ALIASES = {"digits": "configs/digits.py", "cifar10": "configs/cifar10.py"}
+_ALL = lambda policy: {f"remat.{n}": policy for n in perf_lib.NETWORKS}
+VARIANTS = {
+    "f32": {"compute_dtype": "float32"},
+    "bf16": {"compute_dtype": "bfloat16"},
+    "remat_blocks": {"compute_dtype": "float32", **_ALL("blocks")},
+    "remat_full": {"compute_dtype": "float32", **_ALL("full")},
+    # Teacher and fake recomputed, the generator's activations kept: one network's recompute cost.
+    "remat_teacher_fake": {"compute_dtype": "float32", "remat.teacher": "full", "remat.fake": "full"},
+    "fused": {"compute_dtype": "float32", "fuse_teacher_fake": True},
+    "bf16_fused": {"compute_dtype": "bfloat16", "fuse_teacher_fake": True},
 }
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location("bench_config", REPO / path if not Path(path).is_absolute() else path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def apply_variant(config, variant):
+  for key, value in VARIANTS[variant].items():
+    if key.startswith("remat."):
+      config.perf.remat[key.split(".", 1)[1]] = value
+    else:
+      config.perf[key] = value
+  return config
 
 
 def timed(fn, *args, repeats=5, warmup=1):
@@ -48,10 +84,18 @@ def timed(fn, *args, repeats=5, warmup=1):
   return statistics.median(times)
 
 
-def matmul_peak(dtype, n=2048, repeats=5):
+def matmul_peak(dtype, n=2048, repeats=10):
+  """Dense matmul FLOP/s of this machine in `dtype` (the denominator of every utilisation figure): the
+  fastest of `repeats` runs, since a peak is what the machine can do, not what it did under load."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a)
-  return 2 * n**3 / timed(f, a, repeats=repeats)
+  jax.block_until_ready(f(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
 
 
 def random_params(module, seed=0):
@@ -61,96 +105,164 @@ def random_params(module, seed=0):
   return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape).astype(np.float32) * 0.05), shapes)
 
 
+def peak_bytes(mem):
+  """Peak device memory of a compiled program: arguments + outputs (less donated aliases) + XLA's temp
+  allocation (live-range packed). XLA:CPU's own `peak_memory_in_bytes` leaves out temporaries."""
+  if mem is None:
+    return None
+  total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+  return int(max(total, getattr(mem, "peak_memory_in_bytes", 0) or 0))
+
+
 def compile_stats(jitted, *args):
+  """(compiled, compile seconds, XLA FLOPs, peak bytes) of jitted(*args)."""
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   seconds = time.perf_counter() - t0
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, list) else cost
-  mem = compiled.memory_analysis()
-  peak = None
-  if mem is not None:
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                                                           + mem.output_size_in_bytes))
-  return compiled, seconds, float(cost.get("flops", 0.0)), peak
+  return compiled, seconds, float(cost.get("flops", 0.0)), peak_bytes(compiled.memory_analysis())
 
 
-def run_case(size, batch, dtype, repeats, config_overrides=()):
-  arch = precond_lib.edm_preset_arch("ddpmpp", label_dim=0, **SIZES[size])
-  module = precond_lib.build_precond(arch, dtype=jnp.dtype(dtype))
+def build(config, batch, variant):
+  """(config, nets, params, state, consts, step specs, optimizers, mesh) for one case on one device."""
+  config = apply_variant(config, variant)
+  config.batch_size = batch
+  arch = teacher_arch_from_config(config)
+  module = precond_lib.build_precond(arch)
   variables = random_params(module)
-  shape = (arch["img_resolution"], arch["img_resolution"], arch["img_channels"])
   nets = DistillNetworks(generator=Denoiser(module), fake=Denoiser(module), teacher=Denoiser(module),
-                         data_shape=shape, label_dim=0, sigma_init=2.5)
-  cfg = base_config()
-  cfg.batch_size = batch
-  for k, v in config_overrides:
-    cfg[k] = v
-  mesh = mesh_lib.make_mesh((1, 1), devices=jax.devices()[:1])
+                         data_shape=(arch["img_resolution"],) * 2 + (arch["img_channels"],),
+                         label_dim=int(arch.get("label_dim", 0)), sigma_init=float(config.sigma_init))
   params = variables["params"]
-  optimizers = {"generator": state_lib.make_optimizer(cfg.optim.generator), "fake": state_lib.make_optimizer(cfg.optim.fake)}
-  state = state_lib.new_state({"generator": params, "fake": params}, optimizers, ("generator",))
-  specs = {"generator": jax.tree.map(lambda _: jax.sharding.PartitionSpec(), params),
-           "fake": jax.tree.map(lambda _: jax.sharding.PartitionSpec(), params),
-           "consts": jax.tree.map(lambda _: jax.sharding.PartitionSpec(), {"teacher": variables, "generator": {}, "fake": {}})}
+  optimizers = {name: state_lib.make_optimizer(config.optim[name]) for name in ("generator", "fake")}
+  # Built by a jitted function so that every leaf is its own buffer (the step donates them all).
+  state = jax.jit(lambda p: state_lib.new_state({"generator": p, "fake": p}, optimizers, ("generator",)))(params)
   consts = {"teacher": variables, "generator": {}, "fake": {}}
-  results = {"size": size, "batch": batch, "dtype": dtype, "backend": jax.default_backend(),
-             "device": str(jax.devices()[0].device_kind), "params_per_network": precond_lib.count_params(params)}
+  rep = lambda t: jax.tree.map(lambda _: P(), t)
+  specs = {"generator": rep(params), "fake": rep(params), "consts": rep(consts)}
+  mesh = mesh_lib.make_mesh((1, 1), devices=jax.devices()[:1])
+  return config, nets, params, state, consts, specs, optimizers, mesh
 
-  full = jax.jit(sim_steps.make_sim_iteration(nets, cfg, mesh, specs, optimizers, with_generator=True))
-  fake_only = jax.jit(sim_steps.make_sim_iteration(nets, cfg, mesh, specs, optimizers, with_generator=False))
-  full_c, full_compile, full_flops, full_peak = compile_stats(full, state, consts)
-  fake_c, fake_compile, fake_flops, _ = compile_stats(fake_only, state, consts)
-  t_full = timed(full_c, state, consts, repeats=repeats)
-  t_fake = timed(fake_c, state, consts, repeats=repeats)
 
-  # The necessary passes, each alone.
+def necessary_passes(config, nets, params, batch):
+  """The passes a SIM iteration cannot avoid, each its own jitted function, with the step's
+  compute dtype, remat and dropout: {name: (fn, args)}."""
+  opts = perf_lib.resolve(config)
+  gen_nets = perf_lib.configure_networks(nets, opts)
+  fake_nets = perf_lib.configure_networks(nets, opts, remat=False)
   key = jax.random.key(0)
-  z = jax.random.normal(key, (batch,) + shape)
+  z = jax.random.normal(key, (batch,) + nets.data_shape)
+  labels = None
   sigma = jnp.full((batch,), 1.0)
-  cot = jax.random.normal(jax.random.fold_in(key, 1), (batch,) + shape)
-  apply = lambda p, x, s: module.apply({"params": p}, x, s, train=False)
-  gen_fwd_bwd = jax.jit(lambda p: jax.vjp(lambda q: apply(q, 2.5 * z, jnp.full((batch,), 2.5)), p)[1](cot))
-  net_fwd_vjp = jax.jit(lambda p, x: jax.vjp(lambda v: apply(p, v, sigma), x)[1](cot))
-  def dsm_part(p_gen, p_fake):
-    x0 = jax.lax.stop_gradient(apply(p_gen, 2.5 * z, jnp.full((batch,), 2.5)))
-    return jax.grad(lambda q: jnp.sum((apply(q, x0 + sigma[:, None, None, None] * cot, sigma) - x0) ** 2))(p_fake)
-  dsm_j = jax.jit(dsm_part)
-  parts = {
-      "generator_fwd_bwd": timed(gen_fwd_bwd, params, repeats=repeats),
-      "teacher_fwd_vjp": timed(net_fwd_vjp, params, z, repeats=repeats),
-      "fake_fwd_vjp": timed(net_fwd_vjp, params, z, repeats=repeats),
-      "generator_fwd_fake_fwd_bwd": timed(dsm_j, params, params, repeats=repeats),
+  cot = jax.random.normal(jax.random.fold_in(key, 1), z.shape)
+  rng = jax.random.fold_in(key, 2)
+  generate = perf_lib.maybe_remat(lambda p: gen_nets.generate(p, {}, z, labels, train=True, rng=rng),
+                                  opts.remat["generator"])
+  vjp_input = lambda denoiser, policy: jax.jit(lambda p, x: jax.vjp(
+      perf_lib.maybe_remat(lambda v: denoiser.apply(p, {}, v, sigma, labels), policy), x)[1](cot))
+
+  def dsm_step(p_gen, p_fake):
+    x0 = jax.lax.stop_gradient(fake_nets.generate(p_gen, {}, z, labels, train=True, rng=rng))
+    x_t = x0 + sigma[:, None, None, None] * cot
+    loss = lambda q: jnp.sum((fake_nets.fake.apply(q, {}, x_t, sigma, labels, train=True, rng=rng) - x0) ** 2)
+    return jax.grad(loss)(p_fake)
+
+  passes = {
+      "generator_fwd_bwd": (jax.jit(lambda p: jax.vjp(generate, p)[1](cot)), (params,)),
+      "teacher_fwd_vjp": (vjp_input(gen_nets.teacher, opts.remat["teacher"]), (params, z)),
+      "fake_fwd_vjp": (vjp_input(gen_nets.fake, opts.remat["fake"]), (params, z)),
+      "generator_fwd_fake_fwd_bwd": (jax.jit(dsm_step), (params, params)),
   }
+  if opts.fuse_teacher_fake:  # the fused call replaces the two separate ones
+    del passes["teacher_fwd_vjp"], passes["fake_fwd_vjp"]
+    pair = perf_lib.maybe_remat(lambda v: perf_lib.paired_denoise(gen_nets.teacher.module, {"params": params},
+                                                                  {"params": params}, v, sigma, labels),
+                                opts.remat["teacher"])
+    passes["teacher_and_fake_fwd_vjp"] = (jax.jit(lambda x: jax.vjp(pair, x)[1]((cot, cot))), (z,))
+  return passes
+
+
+def case_header(path, config, variant, batch, params):
+  opts = perf_lib.resolve(config)
+  return {"config": path, "variant": variant, "batch": batch,
+          "compute_dtype": jnp.dtype(opts.compute_dtype).name, "remat": opts.remat,
+          "fuse_teacher_fake": opts.fuse_teacher_fake, "backend": jax.default_backend(),
+          "device": str(jax.devices()[0].device_kind), "params_per_network": precond_lib.count_params(params)}
+
+
+def run_case(path, batch, variant, repeats):
+  config = load_config(path)
+  batch = batch or int(config.batch_size)
+  config, nets, params, state, consts, specs, optimizers, mesh = build(config, batch, variant)
+  results = case_header(path, config, variant, batch, params)
+  make = lambda with_gen: jax.jit(sim_steps.make_sim_iteration(nets, config, mesh, specs, optimizers,
+                                                               with_generator=with_gen), donate_argnums=0)
+  full_c, full_compile, full_flops, full_peak = compile_stats(make(True), state, consts)
+  fake_c, fake_compile, _, fake_peak = compile_stats(make(False), state, consts)
+  # Donated: each call consumes its state, so the timed calls feed the result back in.
+  holder = {"full": state, "fake": jax.tree.map(jnp.copy, state)}
+  def run(name, compiled):
+    holder[name], _ = compiled(holder[name], consts)
+    return holder[name].step
+  t_full = timed(lambda: run("full", full_c), repeats=repeats)
+  t_fake = timed(lambda: run("fake", fake_c), repeats=repeats)
+
+  parts, model_flops = {}, 0.0
+  for name, (fn, args) in necessary_passes(config, nets, params, batch).items():
+    compiled, _, flops, _ = compile_stats(fn, *args)
+    parts[name] = timed(compiled, *args, repeats=repeats)
+    model_flops += flops
   sum_parts = sum(parts.values())
-  peak = matmul_peak(jnp.dtype(dtype))
+  peak = matmul_peak(perf_lib.resolve(config).compute_dtype)
   results.update(
       compile_seconds=full_compile + fake_compile,
       ms_fake_step=1e3 * t_fake, ms_generator_step=1e3 * (t_full - t_fake), ms_iteration=1e3 * t_full,
       images_per_sec=batch / t_full,
       ms_parts={k: 1e3 * v for k, v in parts.items()}, ms_sum_of_parts=1e3 * sum_parts,
       iteration_over_sum_of_parts=t_full / sum_parts,
-      flops_per_iteration=full_flops, achieved_flops_per_sec=full_flops / t_full,
-      matmul_peak_flops_per_sec=peak, fraction_of_matmul_peak=full_flops / t_full / peak,
-      peak_memory_bytes=full_peak)
+      flops_per_iteration=full_flops, model_flops_per_iteration=model_flops,
+      achieved_flops_per_sec=full_flops / t_full, matmul_peak_flops_per_sec=peak,
+      fraction_of_matmul_peak=full_flops / t_full / peak, model_flops_utilisation=model_flops / t_full / peak,
+      peak_memory_bytes=max(full_peak or 0, fake_peak or 0) or None)
+  return results
+
+
+def memory_case(path, batch, variant):
+  """Peak memory of the generator step alone (compile only): what bounds the batch per chip."""
+  config = load_config(path)
+  batch = batch or int(config.batch_size)
+  config, nets, params, state, consts, specs, _, mesh = build(config, batch, variant)
+  grads = sim_steps.make_step_grads(nets, config, mesh, specs).generator
+  z = jnp.zeros((batch,) + nets.data_shape)
+  args = (params, state.params["fake"], consts, z, None, jnp.ones((batch,)), z, jax.random.key(0))
+  compiled, seconds, flops, peak = compile_stats(jax.jit(grads), *args)
+  results = case_header(path, config, variant, batch, params)
+  results.update(generator_step_peak_memory_bytes=peak,
+                 generator_step_temp_bytes=int(compiled.memory_analysis().temp_size_in_bytes),
+                 generator_step_flops=flops, compile_seconds=seconds)
   return results
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--size", choices=sorted(SIZES), action="append")
-  ap.add_argument("--batch", type=int, action="append")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--config", action="append", help="config file (repeatable); default: digits and cifar10")
+  ap.add_argument("--size", choices=sorted(ALIASES), action="append", help="shorthand for a --config")
+  ap.add_argument("--batch", type=int, action="append", help="global batch (repeatable); default: the config's")
+  ap.add_argument("--variant", choices=sorted(VARIANTS), action="append", help="perf variant (repeatable); default f32")
+  ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="shorthand for --variant=f32/bf16")
   ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--quick", action="store_true", help="2 timed repeats, smallest batch")
+  ap.add_argument("--memory", action="store_true", help="only compile the generator step and report its memory")
+  ap.add_argument("--quick", action="store_true", help="2 timed repeats")
   args = ap.parse_args()
-  sizes = args.size or ["digits", "cifar10"]
-  batches = args.batch or [None]
+  paths = (args.config or []) + [ALIASES[s] for s in (args.size or [])] or [ALIASES["digits"], ALIASES["cifar10"]]
+  variants = args.variant or [{"float32": "f32", "bfloat16": "bf16"}.get(args.dtype, "f32")]
   repeats = 2 if args.quick else args.repeats
-  for size in sizes:
-    for batch in batches:
-      b = batch or {"digits": 128, "cifar10": 8}[size]
-      print(json.dumps(run_case(size, b, args.dtype, repeats)), flush=True)
+  for path in paths:
+    for batch in args.batch or [None]:
+      for variant in variants:
+        row = memory_case(path, batch, variant) if args.memory else run_case(path, batch, variant, repeats)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

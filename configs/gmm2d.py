@@ -9,6 +9,8 @@ import math
 
 import ml_collections
 
+from simjax.training import perf
+
 
 def ring(num_modes=8, radius=1.0):
   return tuple((round(radius * math.cos(2 * math.pi * k / num_modes), 6),
@@ -93,6 +95,8 @@ def get_config(arg=None):
   c.eval.teacher_steps = 18     # Heun: 35 network evaluations
   c.eval.num_projections = 256
   c.eval.seed = 1234
+
+  c.perf = perf.default_config()  # speed/memory switches (simjax/training/perf.py)
 
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_steps = ()        # tests: steps whose loss is forced to NaN

@@ -12,7 +12,8 @@ import simjax
 # Keys a user may change when continuing a run: how long it runs and how it reports, not what it learns.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval", "sample",
                      "max_nonfinite_streak", "mesh_shape", "debug", "grid_every", "teacher_train.num_steps",
-                     "teacher_train.log_every", "teacher_train.checkpoint_every")
+                     "teacher_train.log_every", "teacher_train.checkpoint_every",
+                     "perf")  # speed/memory switches: a run may move between machines
 
 
 class WorkdirError(ValueError):

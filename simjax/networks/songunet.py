@@ -462,10 +462,17 @@ def song_unet_layout(img_resolution: int, in_channels: int, out_channels: int, m
   return tuple(enc), tuple(dec)
 
 
+def _block_class(remat: bool):
+  """UNetBlock, or UNetBlock rematerialised: only its inputs are saved for the backward pass, its
+  insides are recomputed block by block (same parameter paths, less activation memory)."""
+  return nn.remat(UNetBlock, static_argnums=(3,)) if remat else UNetBlock  # arg 3 = train (self is 0)
+
+
 class _SongUNetEncoder(nn.Module):
   """EDM's `enc` ModuleDict: returns the bottleneck activation and the skip stack."""
   layers: Tuple[LayerSpec, ...]
   block: UNetBlockConfig
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, x, emb, train):
@@ -485,8 +492,8 @@ class _SongUNetEncoder(nn.Module):
         x = conv(spec, 3)(x)
         skips.append(x)
       else:
-        x = UNetBlock(spec.out_channels, cfg, up=spec.up, down=spec.down, attention=spec.attention,
-                      name=spec.name)(x, emb, train)
+        x = _block_class(self.remat_blocks)(spec.out_channels, cfg, up=spec.up, down=spec.down,
+                                            attention=spec.attention, name=spec.name)(x, emb, train)
         skips.append(x)
     return x, skips
 
@@ -495,6 +502,7 @@ class _SongUNetDecoder(nn.Module):
   """EDM's `dec` ModuleDict: consumes the skip stack, accumulates the output in `aux`."""
   layers: Tuple[LayerSpec, ...]
   block: UNetBlockConfig
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, x, skips, emb, train):
@@ -514,8 +522,8 @@ class _SongUNetDecoder(nn.Module):
       else:
         if spec.concat_skip:
           x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
-        x = UNetBlock(spec.out_channels, cfg, up=spec.up, down=spec.down, attention=spec.attention,
-                      name=spec.name)(x, emb, train)
+        x = _block_class(self.remat_blocks)(spec.out_channels, cfg, up=spec.up, down=spec.down,
+                                            attention=spec.attention, name=spec.name)(x, emb, train)
     return aux
 
 
@@ -548,6 +556,7 @@ class SongUNet(nn.Module):
   fourier_freqs: Optional[Tuple[float, ...]] = None
   dtype: Dtype = jnp.float32
   precision: Precision = None
+  remat_blocks: bool = False  # rematerialise each UNetBlock in the backward pass (memory for compute)
 
   def _check(self):
     if self.embedding_type not in EMBEDDING_TYPES:
@@ -611,5 +620,5 @@ class SongUNet(nn.Module):
         self.img_resolution, self.in_channels, self.out_channels, self.model_channels, tuple(self.channel_mult),
         self.num_blocks, tuple(self.attn_resolutions), self.encoder_type, self.decoder_type)
     block = self.block_config()
-    x, skips = _SongUNetEncoder(enc_layers, block, name="enc")(x.astype(self.dtype), emb, train)
-    return _SongUNetDecoder(dec_layers, block, name="dec")(x, skips, emb, train)
+    x, skips = _SongUNetEncoder(enc_layers, block, self.remat_blocks, name="enc")(x.astype(self.dtype), emb, train)
+    return _SongUNetDecoder(dec_layers, block, self.remat_blocks, name="dec")(x, skips, emb, train)

@@ -4,6 +4,7 @@ from etils import epath
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import checkpoint as ckpt_lib
 from simjax.training import loop as loop_lib
+from simjax.training import perf as perf_lib
 from simjax.training import state as state_lib
 
 
@@ -48,6 +49,7 @@ def validate_common(config):
       raise ValueError(f"optim.{name}: {str(e).rstrip('.')} (--config.optim.{name}.*).") from None
   from simjax.losses import sim  # pylint: disable=import-outside-toplevel
   sim.get_distance(config.loss)
+  perf_lib.resolve(config)
   mesh = mesh_lib.make_mesh(config.mesh_shape)
   mesh_lib.check_batch_divisible(int(config.batch_size), mesh)
   return mesh

@@ -1,6 +1,8 @@
 """Defaults of every image config (SIM on EDM teachers; DESIGN.md section 1); configs/*.py derive from these."""
 import ml_collections
 
+from simjax.training import perf
+
 
 def _adam(lr):
   o = ml_collections.ConfigDict()
@@ -99,6 +101,8 @@ def base_config():
   c.sample.checkpoint = ""            # default: workdir/generator or the run's teacher
   c.sample.num = 1000
   c.sample.seed = 0
+
+  c.perf = perf.default_config()      # compute dtype, remat, fused teacher/fake (simjax/training/perf.py)
 
   c.debug = ml_collections.ConfigDict()
   c.debug.nan_steps = ()

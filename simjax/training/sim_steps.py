@@ -5,7 +5,7 @@ Noise for the *global* batch is drawn outside shard_map from fold_in(base_key, s
 `jax_threefry_partitionable` the numbers do not depend on the device count. Per-device losses and
 gradients run inside `jax.shard_map`, averaged with explicit collectives (DESIGN.md section 2).
 """
-from typing import Callable, Dict
+from typing import Callable, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from simjax.diffusion import edm
 from simjax.losses import dsm, sim
 from simjax.parallel import mesh as mesh_lib
+from simjax.training import perf as perf_lib
 from simjax.training import state as state_lib
 from simjax.training.networks import DistillNetworks, one_hot_labels
 
@@ -50,29 +51,39 @@ def draw_generator_noise(key, batch, nets: DistillNetworks, mesh):
   return z, (None if labels is None else constrain_batch(labels, mesh))
 
 
-def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, object], optimizers: Dict[str, Callable],
-                       *, with_generator: bool = True):
-  """Builds iteration(state, consts). specs: PartitionSpecs of 'generator', 'fake' params and 'consts'.
+class StepGrads(NamedTuple):
+  """The two sharded loss-and-gradient functions of a SIM iteration.
 
-  consts = {'teacher': teacher variables, 'generator': generator extras, 'fake': fake-score extras}.
+  Each is f(gen_params, fake_params, consts, z, labels, sigma, eps, rng) -> (mean loss, mean grads):
+  `fake` the DSM loss of the fake score on stop-gradient generator samples (grads w.r.t. fake
+  params), `generator` the SIM surrogate (grads w.r.t. generator params).
   """
-  batch = int(config.batch_size)
-  mesh_lib.check_batch_divisible(batch, mesh)
-  base_key = jax.random.key(int(config.seed))
+  fake: Callable
+  generator: Callable
+
+
+def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object]) -> StepGrads:
+  """The loss/gradient functions under config.perf (compute dtype, remat, fused teacher/fake calls)."""
+  opts = perf_lib.resolve(config)
+  # Rematerialisation is for the generator step, where three networks' activations meet; the DSM
+  # step holds one network's.
+  fake_nets = perf_lib.configure_networks(nets, opts, remat=False)
+  gen_nets = perf_lib.configure_networks(nets, opts)
+  if opts.fuse_teacher_fake:
+    perf_lib.check_fusable(gen_nets)
   distance = sim.get_distance(config.loss)
-  fake_steps = int(config.fake_steps_per_iteration)
   bspec = lambda x: None if x is None else mesh_lib.batch_spec(x.ndim)
 
   def fake_local(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
     consts = mesh_lib.gather_params(consts, specs["consts"])
     gen_full = mesh_lib.gather_params(gen_params, specs["generator"])
     rng = jax.random.fold_in(rng, device_index(mesh))
-    x_g = jax.lax.stop_gradient(nets.generate(gen_full, consts["generator"], z, labels, train=True, rng=rng))
+    x_g = jax.lax.stop_gradient(fake_nets.generate(gen_full, consts["generator"], z, labels, train=True, rng=rng))
 
     def loss_fn(fp_local):
       fp = mesh_lib.gather_params(fp_local, specs["fake"])
-      denoise = lambda p, x, s: nets.fake.apply(p, consts["fake"], x, s, labels,
-                                                train=True, rng=jax.random.fold_in(rng, 1))
+      denoise = lambda p, x, s: fake_nets.fake.apply(p, consts["fake"], x, s, labels,
+                                                     train=True, rng=jax.random.fold_in(rng, 1))
       return dsm.dsm_loss(fp, denoise, x_g, sigma, eps, float(config.sigma_data))
 
     loss, grads = jax.value_and_grad(loss_fn)(fake_params)
@@ -82,27 +93,51 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
     consts = mesh_lib.gather_params(consts, specs["consts"])
     fake_full = mesh_lib.gather_params(fake_params, specs["fake"])
     rng = jax.random.fold_in(rng, device_index(mesh))
+    generate = perf_lib.maybe_remat(
+        lambda p: gen_nets.generate(p, consts["generator"], z, labels, train=True, rng=rng), opts.remat["generator"])
+    pair = None
+    if opts.fuse_teacher_fake:
+      pair = lambda tp, fp, x, s: perf_lib.paired_denoise(gen_nets.teacher.module, tp, {**consts["fake"], "params": fp},
+                                                          x, s, labels)
+    teacher_denoise, fake_denoise, denoise_pair = perf_lib.generator_step_denoisers(
+        lambda p, x, s: gen_nets.teacher.apply(p.get("params"), p, x, s, labels),
+        # Fake score frozen (no dropout) inside the generator step; stop-gradient on its params (in the loss).
+        lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, labels),
+        pair, opts)
 
     def loss_fn(gp_local):
       gp = mesh_lib.gather_params(gp_local, specs["generator"])
-      loss, aux = sim.sim_generator_loss(
-          gp, fake_full, consts["teacher"],
-          generate=lambda p: nets.generate(p, consts["generator"], z, labels, train=True, rng=rng),
-          teacher_denoise=lambda p, x, s: nets.teacher.apply(p.get("params"), p, x, s, labels),
-          # Fake score frozen (no dropout) inside the generator step; stop-gradient on its params.
-          fake_denoise=lambda p, x, s: nets.fake.apply(p, consts["fake"], x, s, labels),
-          eps=eps, sigma=sigma, distance=distance,
+      return sim.sim_generator_loss(
+          gp, fake_full, consts["teacher"], generate=generate, teacher_denoise=teacher_denoise,
+          fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma, distance=distance,
           normalize=bool(config.loss.normalize), normalize_floor=float(config.loss.normalize_floor))
-      return loss, aux
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen_params)
     return jax.lax.pmean(loss, mesh_lib.BATCH_AXES), average_grads(grads, specs["generator"], mesh)
 
-  def sharded(fn, z, labels):
-    in_specs = (specs["generator"], specs["fake"], specs["consts"], bspec(z), bspec(labels), mesh_lib.batch_spec(1),
-                mesh_lib.batch_spec(z.ndim), P())
-    out_specs = (P(), specs["fake"] if fn is fake_local else specs["generator"])
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  def sharded(fn, out_params_spec):
+    def call(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
+      in_specs = (specs["generator"], specs["fake"], specs["consts"], bspec(z), bspec(labels),
+                  mesh_lib.batch_spec(1), mesh_lib.batch_spec(z.ndim), P())
+      mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(), out_params_spec), check_vma=False)
+      return mapped(gen_params, fake_params, consts, z, labels, constrain_batch(sigma, mesh),
+                    constrain_batch(eps, mesh), rng)
+    return call
+
+  return StepGrads(fake=sharded(fake_local, specs["fake"]), generator=sharded(gen_local, specs["generator"]))
+
+
+def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, object], optimizers: Dict[str, Callable],
+                       *, with_generator: bool = True):
+  """Builds iteration(state, consts). specs: PartitionSpecs of 'generator', 'fake' params and 'consts'.
+
+  consts = {'teacher': teacher variables, 'generator': generator extras, 'fake': fake-score extras}.
+  """
+  batch = int(config.batch_size)
+  mesh_lib.check_batch_divisible(batch, mesh)
+  base_key = jax.random.key(int(config.seed))
+  fake_steps = int(config.fake_steps_per_iteration)
+  step_grads = make_step_grads(nets, config, mesh, specs)
 
   def iteration(state: state_lib.TrainState, consts):
     key = jax.random.fold_in(base_key, state.step)
@@ -114,8 +149,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       k_noise, k_sigma, k_rng = jax.random.split(k, 3)
       z, labels = draw_generator_noise(k_noise, batch, nets, mesh)
       sigma, eps = dsm.draw_dsm_noise(k_sigma, z.shape, float(config.fake_p_mean), float(config.fake_p_std))
-      loss, grads = sharded(fake_local, z, labels)(params["generator"], params["fake"], consts, z, labels,
-                                                    constrain_batch(sigma, mesh), constrain_batch(eps, mesh), k_rng)
+      loss, grads = step_grads.fake(params["generator"], params["fake"], consts, z, labels, sigma, eps, k_rng)
       loss = inject_nonfinite(loss, state.step, config)
       params["fake"], opt_state["fake"] = state_lib.apply_optimizer(optimizers["fake"], params["fake"],
                                                                     opt_state["fake"], grads)
@@ -131,8 +165,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       sigma = edm.sample_sigma_karras_uniform(k_sigma, (batch,), float(config.loss.t_max), float(config.sigma_min),
                                              float(config.sigma_max), float(config.rho))
       eps = jax.random.normal(k_eps, z.shape, jnp.float32)
-      loss, grads = sharded(gen_local, z, labels)(params["generator"], params["fake"], consts, z, labels,
-                                                   constrain_batch(sigma, mesh), constrain_batch(eps, mesh), k_rng)
+      loss, grads = step_grads.generator(params["generator"], params["fake"], consts, z, labels, sigma, eps, k_rng)
       params["generator"], opt_state["generator"] = state_lib.apply_optimizer(
           optimizers["generator"], params["generator"], opt_state["generator"], grads)
       decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))

@@ -1,0 +1,204 @@
+"""Performance switches of the SIM trainer (`config.perf`): compute dtype, rematerialisation, fused calls.
+
+Every switch changes speed or memory only, never the maths: parameters, optimizer state and EMA stay
+float32, every denoiser returns float32 D (the preconditioner casts F back) and losses are reduced in
+float32. benchmarks/sim_step.py measures each switch; tests/test_perf.py checks that each one gives
+the same step as the plain one (bfloat16 to bfloat16 tolerance).
+"""
+import dataclasses
+from typing import Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from simjax.training.networks import Denoiser, DistillNetworks
+
+NETWORKS = ("generator", "teacher", "fake")
+# none: keep every activation; blocks: each UNet block under jax.checkpoint (flax nn.remat; saves block
+# inputs only, the scheduler decides when to recompute); full: keep nothing of the network and rerun
+# it in the backward pass once its cotangent has arrived (recompute_in_backward).
+REMAT_POLICIES = ("none", "blocks", "full")
+COMPUTE_DTYPES = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  p = ml_collections.ConfigDict()
+  p.compute_dtype = "auto"            # auto: bfloat16 on GPU/TPU, float32 on CPU (XLA:CPU has no fast bf16)
+  p.remat = ml_collections.ConfigDict({name: "none" for name in NETWORKS})  # per network, generator step
+  p.fuse_teacher_fake = False         # teacher and fake score as one vmapped call over stacked params
+  return p
+
+
+@dataclasses.dataclass(frozen=True)
+class PerfOptions:
+  compute_dtype: object
+  remat: Dict[str, str]
+  fuse_teacher_fake: bool
+
+  @property
+  def is_default(self) -> bool:
+    return (jnp.dtype(self.compute_dtype) == jnp.float32 and set(self.remat.values()) == {"none"}
+            and not self.fuse_teacher_fake)
+
+
+def resolve(config, backend: Optional[str] = None) -> PerfOptions:
+  """config.perf (absent: defaults) -> PerfOptions, with 'auto' decided by the backend; checks values."""
+  p = default_config()
+  if config.get("perf") is not None:
+    p.update(config.perf)
+  name = str(p.compute_dtype)
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"perf.compute_dtype={name!r}; use one of {sorted(COMPUTE_DTYPES)}.")
+  dtype = COMPUTE_DTYPES[name]
+  if dtype is None:
+    dtype = jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
+  remat = {}
+  for net in NETWORKS:
+    policy = str(p.remat.get(net, "none"))
+    if policy not in REMAT_POLICIES:
+      raise ValueError(f"perf.remat.{net}={policy!r}; use one of {REMAT_POLICIES}.")
+    remat[net] = policy
+  unknown = sorted(set(p.remat.keys()) - set(NETWORKS))
+  if unknown:
+    raise ValueError(f"perf.remat has unknown networks {unknown}; use {NETWORKS}.")
+  fuse = bool(p.fuse_teacher_fake)
+  if fuse and remat["teacher"] != remat["fake"]:
+    raise ValueError("perf.fuse_teacher_fake runs teacher and fake score as one call, so they need one remat "
+                     f"policy; got teacher={remat['teacher']!r}, fake={remat['fake']!r}. Set them equal.")
+  return PerfOptions(compute_dtype=dtype, remat=remat, fuse_teacher_fake=fuse)
+
+
+def _network_of(module):
+  """The module holding the compute options: a preconditioner's `model`, else the module itself."""
+  return getattr(module, "model", None) or module
+
+
+def _has_field(module, name) -> bool:
+  return name in {f.name for f in dataclasses.fields(module)}
+
+
+def configure_module(module, *, dtype=jnp.float32, remat_blocks: bool = False, label: str = "network"):
+  """A clone of `module` computing in `dtype`, with rematerialised blocks if asked; same parameters.
+
+  Networks without a compute dtype (the MLP, analytic teachers) stay float32; asking them for block
+  rematerialisation is an error because they have no blocks.
+  """
+  net = _network_of(module)
+  changes = {}
+  if _has_field(net, "dtype") and jnp.dtype(net.dtype) != jnp.dtype(dtype):
+    changes["dtype"] = dtype
+  if remat_blocks:
+    if not _has_field(net, "remat_blocks"):
+      raise ValueError(f"perf.remat.{label}='blocks' needs a network with blocks (SongUNet), got "
+                       f"{type(net).__name__}; use 'full' or 'none'.")
+    changes["remat_blocks"] = True
+  if not changes:
+    return module
+  net = net.clone(**changes)
+  return module.clone(model=net) if net is not module else net
+
+
+def configure_networks(nets: DistillNetworks, opts: PerfOptions, *, remat: bool = True) -> DistillNetworks:
+  """The three SIM networks in the compute dtype of `opts`, with its block rematerialisation if `remat`."""
+  def one(name, denoiser: Denoiser):
+    blocks = remat and opts.remat[name] == "blocks"
+    module = configure_module(denoiser.module, dtype=opts.compute_dtype, remat_blocks=blocks, label=name)
+    return Denoiser(module)
+  return dataclasses.replace(nets, generator=one("generator", nets.generator), teacher=one("teacher", nets.teacher),
+                             fake=one("fake", nets.fake))
+
+
+def after(tree, dependency):
+  """`tree` made data-dependent on `dependency` (adds 0 * one of its elements), so XLA cannot compute
+  anything from the result before `dependency` exists. XLA:CPU expands `optimization_barrier` away
+  and then schedules recomputation early; a data dependence holds on every backend. (A non-finite
+  dependency makes the result non-finite too, but then the gradient already is: the step is skipped.)"""
+  zero = jnp.zeros((), jnp.float32) * jnp.ravel(jax.tree.leaves(dependency)[0])[0].astype(jnp.float32)
+  return jax.tree.map(lambda a: a + zero.astype(a.dtype), tree)
+
+
+def recompute_in_backward(fn: Callable) -> Callable:
+  """fn(*args), keeping none of its activations: the backward pass re-runs fn's forward, and only once
+  the cotangent has arrived.
+
+  Plain `jax.checkpoint` leaves the order to XLA's scheduler, and XLA:CPU hoists the recomputation
+  into the forward pass, which keeps the activations alive after all (measured: no memory saved).
+  All of fn's arguments get cotangents, so close over what is not differentiated.
+  """
+  @jax.custom_vjp
+  def run(*args):
+    return fn(*args)
+
+  def fwd(*args):
+    return fn(*args), args
+
+  def bwd(args, ct):
+    return jax.vjp(fn, *after(args, ct))[1](ct)
+
+  run.defvjp(fwd, bwd)
+  return run
+
+
+def recompute_pair_in_backward(fn_a: Callable, fn_b: Callable) -> Callable:
+  """(args_a, args_b) -> (fn_a(*args_a), fn_b(*args_b)), both recomputed in the backward pass one after
+  the other: b's recomputation waits for a's input cotangents, so only one network's activations are
+  alive at a time (the teacher and the fake score of the generator step)."""
+  @jax.custom_vjp
+  def run(args_a, args_b):
+    return fn_a(*args_a), fn_b(*args_b)
+
+  def fwd(args_a, args_b):
+    return run(args_a, args_b), (args_a, args_b)
+
+  def bwd(res, cts):
+    (args_a, args_b), (ct_a, ct_b) = res, cts
+    grads_a = jax.vjp(fn_a, *after(args_a, ct_a))[1](ct_a)
+    grads_b = jax.vjp(fn_b, *after(args_b, grads_a))[1](ct_b)
+    return grads_a, grads_b
+
+  run.defvjp(fwd, bwd)
+  return run
+
+
+def maybe_remat(fn: Callable, policy: str) -> Callable:
+  """`fn` recomputed in the backward pass for policy 'full' (see recompute_in_backward)."""
+  return recompute_in_backward(fn) if policy == "full" else fn
+
+
+def generator_step_denoisers(teacher_fn: Callable, fake_fn: Callable, pair_fn: Optional[Callable], opts: PerfOptions):
+  """The generator step's teacher/fake evaluation under `opts`: (teacher_denoise, fake_denoise, denoise_pair).
+
+  teacher_fn(tp, x, s), fake_fn(fp, x, s) -> D; pair_fn(tp, fp, x, s) -> (D_teacher, D_fake) in one
+  call (used when fusing). Recomputed networks take cotangents for x only: their parameters are
+  frozen here, and their weight gradients would cost as much as the input gradients. With both on
+  'full' and no fusion the recomputations are serialised, so one network's activations live at a time.
+  """
+  if pair_fn is not None:
+    if opts.remat["teacher"] != "full":
+      return None, None, pair_fn
+    return None, None, lambda tp, fp, x, s: recompute_in_backward(lambda v: pair_fn(tp, fp, v, s))(x)
+  wrap = lambda fn: lambda p, x, s: recompute_in_backward(lambda v: fn(p, v, s))(x)
+  if opts.remat["teacher"] == "full" and opts.remat["fake"] == "full":
+    def serial(tp, fp, x, s):
+      return recompute_pair_in_backward(lambda v: teacher_fn(tp, v, s), lambda v: fake_fn(fp, v, s))((x,), (x,))
+    return None, None, serial
+  pick = lambda fn, net: wrap(fn) if opts.remat[net] == "full" else fn
+  return pick(teacher_fn, "teacher"), pick(fake_fn, "fake"), None
+
+
+def check_fusable(nets: DistillNetworks):
+  if nets.teacher.module != nets.fake.module:
+    raise ValueError("perf.fuse_teacher_fake needs the teacher and the fake score to share one architecture "
+                     "(they do when the fake score starts as a copy of a network teacher); set it False.")
+
+
+def paired_denoise(module, teacher_variables, fake_variables, x, sigma, class_labels):
+  """(D_teacher(x), D_fake(x)) from one call of `module`, vmapped over the two stacked parameter sets.
+
+  Both networks see the same x_t and sigma, so one batched call replaces two, which fills wide
+  accelerators better at small per-chip batches.
+  """
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), teacher_variables, fake_variables)
+  out = jax.vmap(lambda v: module.apply(v, x, sigma, class_labels=class_labels, train=False))(stacked)
+  return out[0], out[1]
