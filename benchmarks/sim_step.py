@@ -20,6 +20,7 @@ model-FLOPs utilisation against it; peak device memory from XLA's memory analysi
 compiles the generator step (where the three networks' activations meet) and reports its memory.
 """
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -73,15 +74,25 @@ def apply_variant(config, variant):
   return config
 
 
-def timed(fn, *args, repeats=5, warmup=1):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
+def timed_interleaved(fns, repeats=5, min_seconds=0.2):
+  """Median seconds per call of each fn() in `fns`, measured in interleaved rounds (every fn once per
+  round) so that load drift on a shared machine hits all of them alike and their ratios hold. Each
+  measurement repeats a fast fn until it covers `min_seconds`."""
+  calls = {}
+  for name, fn in fns.items():
+    jax.block_until_ready(fn())  # warm-up
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    jax.block_until_ready(fn())
+    calls[name] = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(calls[name]):
+        out = fn()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / calls[name])
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def matmul_peak(dtype, n=2048, repeats=10):
@@ -205,14 +216,15 @@ def run_case(path, batch, variant, repeats):
   def run(name, compiled):
     holder[name], _ = compiled(holder[name], consts)
     return holder[name].step
-  t_full = timed(lambda: run("full", full_c), repeats=repeats)
-  t_fake = timed(lambda: run("fake", fake_c), repeats=repeats)
-
-  parts, model_flops = {}, 0.0
-  for name, (fn, args) in necessary_passes(config, nets, params, batch).items():
+  fns = {"iteration": lambda: run("full", full_c), "fake_step": lambda: run("fake", fake_c)}
+  passes, model_flops = necessary_passes(config, nets, params, batch), 0.0
+  for name, (fn, args) in passes.items():
     compiled, _, flops, _ = compile_stats(fn, *args)
-    parts[name] = timed(compiled, *args, repeats=repeats)
+    fns[name] = functools.partial(compiled, *args)
     model_flops += flops
+  times = timed_interleaved(fns, repeats=repeats)
+  t_full, t_fake = times["iteration"], times["fake_step"]
+  parts = {name: times[name] for name in passes}
   sum_parts = sum(parts.values())
   peak = matmul_peak(perf_lib.resolve(config).compute_dtype)
   results.update(
@@ -251,9 +263,9 @@ def main():
   ap.add_argument("--batch", type=int, action="append", help="global batch (repeatable); default: the config's")
   ap.add_argument("--variant", choices=sorted(VARIANTS), action="append", help="perf variant (repeatable); default f32")
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="shorthand for --variant=f32/bf16")
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=5, help="timed rounds (each times every function once)")
   ap.add_argument("--memory", action="store_true", help="only compile the generator step and report its memory")
-  ap.add_argument("--quick", action="store_true", help="2 timed repeats")
+  ap.add_argument("--quick", action="store_true", help="2 timed rounds")
   args = ap.parse_args()
   paths = (args.config or []) + [ALIASES[s] for s in (args.size or [])] or [ALIASES["digits"], ALIASES["cifar10"]]
   variants = args.variant or [{"float32": "f32", "bfloat16": "bf16"}.get(args.dtype, "f32")]
