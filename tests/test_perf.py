@@ -66,11 +66,16 @@ def setup():
               "generator": {}, "fake": {}}, inputs=inputs)
 
 
-def _grads(setup, config, which):
+def _step_grads(setup, config):
+  """make_step_grads on one device with everything replicated."""
   mesh = mesh_lib.make_mesh((1, 1), devices=jax.devices()[:1])
   rep = lambda t: jax.tree.map(lambda _: P(), t)
   specs = {"generator": rep(setup["gen"]), "fake": rep(setup["fake"]), "consts": rep(setup["consts"])}
-  fn = getattr(sim_steps.make_step_grads(setup["nets"], config, mesh, specs), which)
+  return sim_steps.make_step_grads(setup["nets"], config, mesh, specs)
+
+
+def _grads(setup, config, which):
+  fn = getattr(_step_grads(setup, config), which)
   i = setup["inputs"]
   loss, grads = jax.jit(fn)(setup["gen"], setup["fake"], setup["consts"], i["z"], i["labels"], i["sigma"], i["eps"],
                             i["rng"])
@@ -120,6 +125,8 @@ def test_block_remat_and_dtype_keep_the_parameter_tree():
   clone = perf.configure_module(module, dtype=jnp.bfloat16, remat_blocks=True)
   assert clone.model.remat_blocks and clone.model.dtype == jnp.bfloat16
   assert precond_lib.param_shapes(clone) == precond_lib.param_shapes(module)
+  bare = perf.configure_module(module.model, dtype=jnp.bfloat16, remat_blocks=True)  # no preconditioner
+  assert bare.remat_blocks and bare.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("override, message", [
@@ -194,11 +201,8 @@ def test_training_loop_compiles_nothing_after_the_first_steps(setup, tmp_path):
 
 def _generator_step_temp_bytes(setup, config, batch):
   """XLA's temporary allocation (live-range packed activations) of the compiled generator step."""
-  mesh = mesh_lib.make_mesh((1, 1), devices=jax.devices()[:1])
-  rep = lambda t: jax.tree.map(lambda _: P(), t)
-  specs = {"generator": rep(setup["gen"]), "fake": rep(setup["fake"]), "consts": rep(setup["consts"])}
   config.batch_size = batch
-  fn = sim_steps.make_step_grads(setup["nets"], config, mesh, specs).generator
+  fn = _step_grads(setup, config).generator
   z = jnp.zeros((batch,) + setup["nets"].data_shape)
   args = (setup["gen"], setup["fake"], setup["consts"], z, None, jnp.ones((batch,)), z, jax.random.key(0))
   return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes

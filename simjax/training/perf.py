@@ -36,11 +36,6 @@ class PerfOptions:
   remat: Dict[str, str]
   fuse_teacher_fake: bool
 
-  @property
-  def is_default(self) -> bool:
-    return (jnp.dtype(self.compute_dtype) == jnp.float32 and set(self.remat.values()) == {"none"}
-            and not self.fuse_teacher_fake)
-
 
 def resolve(config, backend: Optional[str] = None) -> PerfOptions:
   """config.perf (absent: defaults) -> PerfOptions, with 'auto' decided by the backend; checks values."""
@@ -95,8 +90,9 @@ def configure_module(module, *, dtype=jnp.float32, remat_blocks: bool = False, l
     changes["remat_blocks"] = True
   if not changes:
     return module
-  net = net.clone(**changes)
-  return module.clone(model=net) if net is not module else net
+  if net is module:  # a bare network, no preconditioner around it
+    return module.clone(**changes)
+  return module.clone(model=net.clone(**changes))
 
 
 def configure_networks(nets: DistillNetworks, opts: PerfOptions, *, remat: bool = True) -> DistillNetworks:
