@@ -94,6 +94,7 @@ def run_case(case: str, batch: int, mesh_shape, steps: int, dtype: str = "float3
   """Compiles and times the SIM iteration exactly as distill.train_sim lays it out."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from simjax.flops import count_flops  # pylint: disable=import-outside-toplevel
   from simjax.networks.precond import count_params  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import distill, sim_steps, state as state_lib  # pylint: disable=import-outside-toplevel
@@ -126,6 +127,7 @@ def run_case(case: str, batch: int, mesh_shape, steps: int, dtype: str = "float3
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   flops = _flops(compiled)
+  model_flops = count_flops(iteration, state, consts)
   return {
       "case": case, "compute_dtype": dtype if case == "cifar10" else "float32", "devices": mesh.size,
       "mesh": list(mesh.devices.shape), "global_batch": batch,
@@ -135,6 +137,9 @@ def run_case(case: str, batch: int, mesh_shape, steps: int, dtype: str = "float3
       # XLA's count for the compiled program; for SPMD programs it is per device (per shard of the batch).
       "xla_flops_per_iteration_per_device": flops,
       "xla_flops_per_image": None if flops is None else round(flops * mesh.size / batch),
+      # Matmul + convolution FLOPs counted from the program: the same on every backend (also on GPU).
+      "flops_per_image": round(model_flops / batch),
+      "achieved_flops_per_sec_per_device": round(model_flops / step_s / mesh.size),
       "finite": bool(jnp.isfinite(metrics["gen_loss"]) and jnp.isfinite(metrics["fake_loss"])),
       "host_cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "jax": jax.__version__,
   }

@@ -13,13 +13,16 @@ so every optimisation is measured against the plain step in the same process.
 Per case: compile time; median ms per fake-score step, generator step and full iteration; images/s;
 the sum of parts -- the necessary passes each as its own jitted function, in the same dtype and remat
 as the step: generator fwd+bwd (train mode, dropout), teacher fwd+vjp, fake fwd+vjp, and the DSM
-step's generator fwd + fake fwd+bwd -- and iteration / sum of parts; FLOPs per iteration from XLA's
-cost analysis (which counts recomputation) and model FLOPs (the parts' FLOPs); achieved FLOP/s as a
-fraction of this machine's dense-matmul peak measured in the same run (in the compute dtype), and
-model-FLOPs utilisation against it; peak device memory from XLA's memory analysis. `--memory` only
+step's generator fwd + fake fwd+bwd -- and iteration / sum of parts; FLOPs per iteration (matmuls
+and convolutions counted from the program, recomputation included, the same on every backend; XLA's
+own cost analysis beside it, which on GPU leaves out the cuDNN convolutions) and model FLOPs (the
+parts' FLOPs); achieved FLOP/s as a fraction of this machine's dense-matmul peak measured in the same
+run (in the compute dtype; on GPU "float32" matmuls run as TF32 by XLA's default precision, and so
+does the peak), and model-FLOPs utilisation against it; peak device memory from XLA's memory analysis. `--memory` only
 compiles the generator step (where the three networks' activations meet) and reports its memory.
 """
 import argparse
+import concurrent.futures
 import functools
 import importlib.util
 import json
@@ -36,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from simjax.flops import count_flops  # noqa: E402
 from simjax.networks import precond as precond_lib  # noqa: E402
 from simjax.parallel import mesh as mesh_lib  # noqa: E402
 from simjax.pipelines.image import teacher_arch_from_config  # noqa: E402
@@ -95,18 +99,20 @@ def timed_interleaved(fns, repeats=5, min_seconds=0.2):
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_peak(dtype, n=2048, repeats=10):
+def matmul_peak(dtype, repeats=10):
   """Dense matmul FLOP/s of this machine in `dtype` (the denominator of every utilisation figure): the
-  fastest of `repeats` runs, since a peak is what the machine can do, not what it did under load."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: a @ a)
+  fastest of `repeats` runs, since a peak is what the machine can do, not what it did under load. On an
+  accelerator the product is large and chained 10 deep, so dispatch latency does not hide the peak."""
+  n, chain = (2048, 1) if jax.default_backend() == "cpu" else (8192, 10)
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype) / n**0.5
+  f = jax.jit(lambda a: functools.reduce(lambda x, _: x @ a, range(chain), a))
   jax.block_until_ready(f(a))
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(f(a))
     best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best
+  return chain * 2 * n**3 / best
 
 
 def random_params(module, seed=0):
@@ -126,13 +132,16 @@ def peak_bytes(mem):
 
 
 def compile_stats(jitted, *args):
-  """(compiled, compile seconds, XLA FLOPs, peak bytes) of jitted(*args)."""
+  """(compiled, compile seconds, FLOPs, XLA's FLOPs, peak bytes) of jitted(*args). FLOPs are the matmuls'
+  and convolutions' counted from the jaxpr (`simjax.flops`), the same on every backend; XLA's count of
+  the compiled program is reported beside them but leaves out convolutions on GPU (cuDNN calls)."""
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   seconds = time.perf_counter() - t0
   cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, list) else cost
-  return compiled, seconds, float(cost.get("flops", 0.0)), peak_bytes(compiled.memory_analysis())
+  cost = (cost[0] if cost else {}) if isinstance(cost, list) else cost
+  xla_flops = float(cost["flops"]) if "flops" in cost and jax.default_backend() != "gpu" else None
+  return compiled, seconds, count_flops(jitted, *args), xla_flops, peak_bytes(compiled.memory_analysis())
 
 
 def build(config, batch, variant):
@@ -209,19 +218,20 @@ def run_case(path, batch, variant, repeats):
   results = case_header(path, config, variant, batch, params)
   make = lambda with_gen: jax.jit(sim_steps.make_sim_iteration(nets, config, mesh, specs, optimizers,
                                                                with_generator=with_gen), donate_argnums=0)
-  full_c, full_compile, full_flops, full_peak = compile_stats(make(True), state, consts)
-  fake_c, fake_compile, _, fake_peak = compile_stats(make(False), state, consts)
+  full_c, full_compile, full_flops, full_xla_flops, full_peak = compile_stats(make(True), state, consts)
+  fake_c, fake_compile, _, _, fake_peak = compile_stats(make(False), state, consts)
   # Donated: each call consumes its state, so the timed calls feed the result back in.
   holder = {"full": state, "fake": jax.tree.map(jnp.copy, state)}
   def run(name, compiled):
     holder[name], _ = compiled(holder[name], consts)
     return holder[name].step
   fns = {"iteration": lambda: run("full", full_c), "fake_step": lambda: run("fake", fake_c)}
-  passes, model_flops = necessary_passes(config, nets, params, batch), 0.0
-  for name, (fn, args) in passes.items():
-    compiled, _, flops, _ = compile_stats(fn, *args)
-    fns[name] = functools.partial(compiled, *args)
-    model_flops += flops
+  passes = necessary_passes(config, nets, params, batch)
+  # The passes' compile times are not reported, so they compile concurrently (XLA compiles off the GIL).
+  with concurrent.futures.ThreadPoolExecutor(len(passes)) as pool:
+    compiled = dict(zip(passes, pool.map(lambda fa: compile_stats(fa[0], *fa[1]), passes.values())))
+  model_flops = sum(compiled[name][2] for name in passes)
+  fns.update({name: functools.partial(compiled[name][0], *args) for name, (_, args) in passes.items()})
   times = timed_interleaved(fns, repeats=repeats)
   t_full, t_fake = times["iteration"], times["fake_step"]
   parts = {name: times[name] for name in passes}
@@ -233,7 +243,8 @@ def run_case(path, batch, variant, repeats):
       images_per_sec=batch / t_full,
       ms_parts={k: 1e3 * v for k, v in parts.items()}, ms_sum_of_parts=1e3 * sum_parts,
       iteration_over_sum_of_parts=t_full / sum_parts,
-      flops_per_iteration=full_flops, model_flops_per_iteration=model_flops,
+      flops_per_iteration=full_flops, xla_flops_per_iteration=full_xla_flops,
+      model_flops_per_iteration=model_flops,
       achieved_flops_per_sec=full_flops / t_full, matmul_peak_flops_per_sec=peak,
       fraction_of_matmul_peak=full_flops / t_full / peak, model_flops_utilisation=model_flops / t_full / peak,
       peak_memory_bytes=max(full_peak or 0, fake_peak or 0) or None)
@@ -248,7 +259,7 @@ def memory_case(path, batch, variant):
   grads = sim_steps.make_step_grads(nets, config, mesh, specs).generator
   z = jnp.zeros((batch,) + nets.data_shape)
   args = (params, state.params["fake"], consts, z, None, jnp.ones((batch,)), z, jax.random.key(0))
-  compiled, seconds, flops, peak = compile_stats(jax.jit(grads), *args)
+  compiled, seconds, flops, _, peak = compile_stats(jax.jit(grads), *args)
   results = case_header(path, config, variant, batch, params)
   results.update(generator_step_peak_memory_bytes=peak,
                  generator_step_temp_bytes=int(compiled.memory_analysis().temp_size_in_bytes),
