@@ -97,10 +97,12 @@ def run_case(case: str, batch: int, mesh_shape, steps: int, dtype: str = "float3
   from simjax.flops import count_flops  # pylint: disable=import-outside-toplevel
   from simjax.networks.precond import count_params  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from simjax.training import distill, sim_steps, state as state_lib  # pylint: disable=import-outside-toplevel
+  from simjax.training import distill, perf, sim_steps, state as state_lib  # pylint: disable=import-outside-toplevel
 
   jax.config.update("jax_threefry_partitionable", True)
   config, nets, params, consts, optimizers = build_case(case, batch, dtype)
+  perf.before_backend_start(config)  # as simjax.main does (host memory reuse on CPU)
+  perf.apply_process_options(perf.resolve(config))
   mesh = mesh_lib.make_mesh(mesh_shape)
   min_size = int(config.fsdp_min_size)
   init_fn = lambda: {"generator": params, "fake": params}

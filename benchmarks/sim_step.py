@@ -39,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from simjax import host_memory  # noqa: E402
 from simjax.flops import count_flops  # noqa: E402
 from simjax.networks import precond as precond_lib  # noqa: E402
 from simjax.parallel import mesh as mesh_lib  # noqa: E402
@@ -167,39 +168,47 @@ def build(config, batch, variant):
 
 def necessary_passes(config, nets, params, batch):
   """The passes a SIM iteration cannot avoid, each its own jitted function, with the step's
-  compute dtype, remat and dropout: {name: (fn, args)}."""
+  compute dtype, remat and dropout: {name: (fn, args)}. Every input (latents, noise levels, noise,
+  cotangents, dropout key) is an argument, as in the step: a constant input would let XLA fold the
+  preconditioning and noise embedding away and make a part cheaper than any real step."""
   opts = perf_lib.resolve(config)
   gen_nets = perf_lib.configure_networks(nets, opts)
   fake_nets = perf_lib.configure_networks(nets, opts, remat=False)
-  key = jax.random.key(0)
-  z = jax.random.normal(key, (batch,) + nets.data_shape)
+  keys = jax.random.split(jax.random.key(0), 3)
   labels = None
-  sigma = jnp.full((batch,), 1.0)
-  cot = jax.random.normal(jax.random.fold_in(key, 1), z.shape)
-  rng = jax.random.fold_in(key, 2)
-  generate = perf_lib.maybe_remat(lambda p: gen_nets.generate(p, {}, z, labels, train=True, rng=rng),
-                                  opts.remat["generator"])
-  vjp_input = lambda denoiser, policy: jax.jit(lambda p, x: jax.vjp(
-      perf_lib.maybe_remat(lambda v: denoiser.apply(p, {}, v, sigma, labels), policy), x)[1](cot))
+  z = jax.random.normal(keys[0], (batch,) + nets.data_shape)
+  sigma = jnp.exp(jax.random.normal(keys[1], (batch,)) * float(config.fake_p_std) + float(config.fake_p_mean))
+  cot = jax.random.normal(keys[2], z.shape)
+  rng = jax.random.key(1)
 
-  def dsm_step(p_gen, p_fake):
+  def generator_fwd_bwd(p, z, cot, rng):
+    generate = perf_lib.maybe_remat(lambda q: gen_nets.generate(q, {}, z, labels, train=True, rng=rng),
+                                    opts.remat["generator"])
+    return jax.vjp(generate, p)[1](cot)
+
+  def fwd_vjp(denoiser, policy):
+    return jax.jit(lambda p, x, s, cot: jax.vjp(
+        perf_lib.maybe_remat(lambda v: denoiser.apply(p, {}, v, s, labels), policy), x)[1](cot))
+
+  def dsm_step(p_gen, p_fake, z, s, eps, rng):
     x0 = jax.lax.stop_gradient(fake_nets.generate(p_gen, {}, z, labels, train=True, rng=rng))
-    x_t = x0 + sigma[:, None, None, None] * cot
-    loss = lambda q: jnp.sum((fake_nets.fake.apply(q, {}, x_t, sigma, labels, train=True, rng=rng) - x0) ** 2)
+    x_t = x0 + s[:, None, None, None] * eps
+    loss = lambda q: jnp.sum((fake_nets.fake.apply(q, {}, x_t, s, labels, train=True, rng=rng) - x0) ** 2)
     return jax.grad(loss)(p_fake)
 
   passes = {
-      "generator_fwd_bwd": (jax.jit(lambda p: jax.vjp(generate, p)[1](cot)), (params,)),
-      "teacher_fwd_vjp": (vjp_input(gen_nets.teacher, opts.remat["teacher"]), (params, z)),
-      "fake_fwd_vjp": (vjp_input(gen_nets.fake, opts.remat["fake"]), (params, z)),
-      "generator_fwd_fake_fwd_bwd": (jax.jit(dsm_step), (params, params)),
+      "generator_fwd_bwd": (jax.jit(generator_fwd_bwd), (params, z, cot, rng)),
+      "teacher_fwd_vjp": (fwd_vjp(gen_nets.teacher, opts.remat["teacher"]), (params, z, sigma, cot)),
+      "fake_fwd_vjp": (fwd_vjp(gen_nets.fake, opts.remat["fake"]), (params, z, sigma, cot)),
+      "generator_fwd_fake_fwd_bwd": (jax.jit(dsm_step), (params, params, z, sigma, cot, rng)),
   }
   if opts.fuse_teacher_fake:  # the fused call replaces the two separate ones
     del passes["teacher_fwd_vjp"], passes["fake_fwd_vjp"]
-    pair = perf_lib.maybe_remat(lambda v: perf_lib.paired_denoise(gen_nets.teacher.module, {"params": params},
-                                                                  {"params": params}, v, sigma, labels),
-                                opts.remat["teacher"])
-    passes["teacher_and_fake_fwd_vjp"] = (jax.jit(lambda x: jax.vjp(pair, x)[1]((cot, cot))), (z,))
+    pair = lambda p, x, s: perf_lib.maybe_remat(
+        lambda v: perf_lib.paired_denoise(gen_nets.teacher.module, {"params": p}, {"params": p}, v, s, labels),
+        opts.remat["teacher"])(x)
+    passes["teacher_and_fake_fwd_vjp"] = (
+        jax.jit(lambda p, x, s, cot: jax.vjp(lambda v: pair(p, v, s), x)[1]((cot, cot))), (params, z, sigma, cot))
   return passes
 
 
@@ -207,7 +216,8 @@ def case_header(path, config, variant, batch, params):
   opts = perf_lib.resolve(config)
   return {"config": path, "variant": variant, "batch": batch,
           "compute_dtype": jnp.dtype(opts.compute_dtype).name, "remat": opts.remat,
-          "fuse_teacher_fake": opts.fuse_teacher_fake, "backend": jax.default_backend(),
+          "fuse_teacher_fake": opts.fuse_teacher_fake, "reuse_host_memory": host_memory.is_applied(),
+          "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "params_per_network": precond_lib.count_params(params)}
 
 
@@ -277,8 +287,15 @@ def main():
   ap.add_argument("--repeats", type=int, default=5, help="timed rounds (each times every function once)")
   ap.add_argument("--memory", action="store_true", help="only compile the generator step and report its memory")
   ap.add_argument("--quick", action="store_true", help="2 timed rounds")
+  ap.add_argument("--reuse_host_memory", choices=perf_lib.HOST_MEMORY_MODES, default="auto",
+                  help="perf.reuse_host_memory for the whole process (auto: on for the CPU backend)")
   args = ap.parse_args()
   paths = (args.config or []) + [ALIASES[s] for s in (args.size or [])] or [ALIASES["digits"], ALIASES["cifar10"]]
+  # Process-wide, as in `simjax.main`: applied once, before anything is compiled or run.
+  host_config = load_config(paths[0])
+  host_config.perf.reuse_host_memory = args.reuse_host_memory
+  perf_lib.before_backend_start(host_config)
+  perf_lib.apply_process_options(perf_lib.resolve(host_config))
   variants = args.variant or [{"float32": "f32", "bfloat16": "bf16"}.get(args.dtype, "f32")]
   repeats = 2 if args.quick else args.repeats
   for path in paths:

@@ -107,6 +107,11 @@ def main(argv):
   from simjax import pipelines, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import checkpoint as ckpt_lib, loop as loop_lib  # pylint: disable=import-outside-toplevel
+  from simjax.training import perf as perf_lib  # pylint: disable=import-outside-toplevel
+  try:
+    perf_lib.before_backend_start(_CONFIG.value)  # first: nothing may start a backend before it
+  except ValueError as e:
+    fail(_one_line(e))
 
   try:
     mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value)
@@ -124,6 +129,7 @@ def main(argv):
                           require_run=_MODE.value in ("eval", "sample"))
     except (ValueError, TypeError, FileNotFoundError) as e:
       fail(_one_line(e))
+    perf_lib.apply_process_options(perf_lib.resolve(config))  # validated above
     try:
       status = pipeline.run(config, _WORKDIR.value, _MODE.value)
     except (UserError, FileNotFoundError) as e:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from simjax import host_memory
 from simjax.training.networks import Denoiser, DistillNetworks
 
 NETWORKS = ("generator", "teacher", "fake")
@@ -27,6 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.compute_dtype = "auto"            # auto: bfloat16 on GPU/TPU, float32 on CPU (XLA:CPU has no fast bf16)
   p.remat = ml_collections.ConfigDict({name: "none" for name in NETWORKS})  # per network, generator step
   p.fuse_teacher_fake = False         # teacher and fake score as one vmapped call over stacked params
+  p.reuse_host_memory = "auto"        # auto: on for the CPU backend (glibc); see simjax/host_memory.py
   return p
 
 
@@ -35,6 +37,7 @@ class PerfOptions:
   compute_dtype: object
   remat: Dict[str, str]
   fuse_teacher_fake: bool
+  reuse_host_memory: bool = False
 
 
 def resolve(config, backend: Optional[str] = None) -> PerfOptions:
@@ -61,7 +64,44 @@ def resolve(config, backend: Optional[str] = None) -> PerfOptions:
   if fuse and remat["teacher"] != remat["fake"]:
     raise ValueError("perf.fuse_teacher_fake runs teacher and fake score as one call, so they need one remat "
                      f"policy; got teacher={remat['teacher']!r}, fake={remat['fake']!r}. Set them equal.")
-  return PerfOptions(compute_dtype=dtype, remat=remat, fuse_teacher_fake=fuse)
+  return PerfOptions(compute_dtype=dtype, remat=remat, fuse_teacher_fake=fuse,
+                     reuse_host_memory=_reuse_host_memory(str(p.reuse_host_memory), backend))
+
+
+HOST_MEMORY_MODES = ("auto", "on", "off")
+
+
+def host_memory_mode(config) -> str:
+  """config.perf.reuse_host_memory, checked; needs no backend (it is read before JAX starts one)."""
+  perf = config.get("perf") or {}
+  mode = str(perf.get("reuse_host_memory", "auto"))
+  if mode not in HOST_MEMORY_MODES:
+    raise ValueError(f"perf.reuse_host_memory={mode!r}; use one of {HOST_MEMORY_MODES}.")
+  return mode
+
+
+def _reuse_host_memory(mode: str, backend: Optional[str]) -> bool:
+  """Whether to keep freed host memory (simjax.host_memory): 'auto' does so where XLA's buffers live in
+  host memory (the CPU backend) and glibc allows it."""
+  if mode not in HOST_MEMORY_MODES:
+    raise ValueError(f"perf.reuse_host_memory={mode!r}; use one of {HOST_MEMORY_MODES}.")
+  if mode == "on" and not host_memory.supported():
+    raise ValueError("perf.reuse_host_memory='on' needs glibc's malloc (Linux); set it to 'auto' or 'off'.")
+  if mode == "auto":
+    return (backend or jax.default_backend()) == "cpu" and host_memory.supported()
+  return mode == "on"
+
+
+def before_backend_start(config):
+  """The part of host memory reuse that must precede JAX's backends: CPU programs run inline."""
+  if host_memory_mode(config) != "off" and host_memory.supported():
+    host_memory.run_cpu_programs_inline()
+
+
+def apply_process_options(opts: PerfOptions):
+  """The process-wide part of `opts` (host memory reuse); call once, before the first step."""
+  if opts.reuse_host_memory:
+    host_memory.keep_freed_memory()
 
 
 def _network_of(module):
