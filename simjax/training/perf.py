@@ -65,7 +65,7 @@ def resolve(config, backend: Optional[str] = None) -> PerfOptions:
     raise ValueError("perf.fuse_teacher_fake runs teacher and fake score as one call, so they need one remat "
                      f"policy; got teacher={remat['teacher']!r}, fake={remat['fake']!r}. Set them equal.")
   return PerfOptions(compute_dtype=dtype, remat=remat, fuse_teacher_fake=fuse,
-                     reuse_host_memory=_reuse_host_memory(str(p.reuse_host_memory), backend))
+                     reuse_host_memory=_reuse_host_memory(host_memory_mode(config), backend))
 
 
 HOST_MEMORY_MODES = ("auto", "on", "off")
@@ -83,8 +83,6 @@ def host_memory_mode(config) -> str:
 def _reuse_host_memory(mode: str, backend: Optional[str]) -> bool:
   """Whether to keep freed host memory (simjax.host_memory): 'auto' does so where XLA's buffers live in
   host memory (the CPU backend) and glibc allows it."""
-  if mode not in HOST_MEMORY_MODES:
-    raise ValueError(f"perf.reuse_host_memory={mode!r}; use one of {HOST_MEMORY_MODES}.")
   if mode == "on" and not host_memory.supported():
     raise ValueError("perf.reuse_host_memory='on' needs glibc's malloc (Linux); set it to 'auto' or 'off'.")
   if mode == "auto":
