@@ -76,25 +76,11 @@ def build_case(case: str, batch: int, dtype: str = "float32"):
   raise ValueError(f"unknown case {case!r}; use gmm or cifar10.")
 
 
-def _flops(compiled):
-  """XLA's FLOP count of a compiled program; None on GPU, where convolutions run as cuDNN calls it does not count."""
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.default_backend() == "gpu":
-    return None
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend reports costs
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
-
 def run_case(case: str, batch: int, mesh_shape, steps: int, dtype: str = "float32") -> dict:
   """Compiles and times the SIM iteration exactly as distill.train_sim lays it out."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from simjax.flops import count_flops  # pylint: disable=import-outside-toplevel
+  from simjax.flops import jaxpr_flops, xla_flops  # pylint: disable=import-outside-toplevel
   from simjax.networks.precond import count_params  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import distill, perf, sim_steps, state as state_lib  # pylint: disable=import-outside-toplevel
@@ -116,7 +102,8 @@ def run_case(case: str, batch: int, mesh_shape, steps: int, dtype: str = "float3
   step_specs = {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
   iteration = sim_steps.make_sim_iteration(nets, config, mesh, step_specs, optimizers)
   t0 = time.perf_counter()
-  compiled = jax.jit(iteration, donate_argnums=0, out_shardings=(shardings, None)).lower(state, consts).compile()
+  traced = jax.jit(iteration, donate_argnums=0, out_shardings=(shardings, None)).trace(state, consts)
+  compiled = traced.lower().compile()
   compile_s = time.perf_counter() - t0
 
   state, metrics = compiled(state, consts)  # warm-up
@@ -128,8 +115,8 @@ def run_case(case: str, batch: int, mesh_shape, steps: int, dtype: str = "float3
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
-  flops = _flops(compiled)
-  model_flops = count_flops(iteration, state, consts)
+  flops = xla_flops(compiled)
+  model_flops = jaxpr_flops(traced.jaxpr)
   return {
       "case": case, "compute_dtype": dtype if case == "cifar10" else "float32", "devices": mesh.size,
       "mesh": list(mesh.devices.shape), "global_batch": batch,

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from simjax import host_memory  # noqa: E402
-from simjax.flops import count_flops  # noqa: E402
+from simjax.flops import jaxpr_flops, xla_flops  # noqa: E402
 from simjax.networks import precond as precond_lib  # noqa: E402
 from simjax.parallel import mesh as mesh_lib  # noqa: E402
 from simjax.pipelines.image import teacher_arch_from_config  # noqa: E402
@@ -133,16 +133,14 @@ def peak_bytes(mem):
 
 
 def compile_stats(jitted, *args):
-  """(compiled, compile seconds, FLOPs, XLA's FLOPs, peak bytes) of jitted(*args). FLOPs are the matmuls'
-  and convolutions' counted from the jaxpr (`simjax.flops`), the same on every backend; XLA's count of
-  the compiled program is reported beside them but leaves out convolutions on GPU (cuDNN calls)."""
+  """(compiled, compile seconds, FLOPs, XLA's FLOPs, peak bytes) of jitted(*args), traced once. FLOPs are
+  the matmuls' and convolutions' counted from the jaxpr (`simjax.flops`), the same on every backend;
+  XLA's count of the compiled program is reported beside them (None on GPU, see `xla_flops`)."""
   t0 = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
+  traced = jitted.trace(*args)
+  compiled = traced.lower().compile()
   seconds = time.perf_counter() - t0
-  cost = compiled.cost_analysis() or {}
-  cost = (cost[0] if cost else {}) if isinstance(cost, list) else cost
-  xla_flops = float(cost["flops"]) if "flops" in cost and jax.default_backend() != "gpu" else None
-  return compiled, seconds, count_flops(jitted, *args), xla_flops, peak_bytes(compiled.memory_analysis())
+  return compiled, seconds, jaxpr_flops(traced.jaxpr), xla_flops(compiled), peak_bytes(compiled.memory_analysis())
 
 
 def build(config, batch, variant):

@@ -93,9 +93,23 @@ def jaxpr_flops(jaxpr, used_outputs=None) -> float:
   return total
 
 
+def xla_flops(compiled):
+  """XLA's own FLOP count of a compiled program (elementwise work included), or None where it has none
+  to give, and on GPU, where it leaves out convolutions (cuDNN custom calls) and would mislead."""
+  if jax.default_backend() == "gpu":
+    return None
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend reports costs
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
 def count_flops(fn, *args, **kwargs) -> float:
   """Matmul + convolution FLOPs of fn(*args, **kwargs), traced (not compiled or run)."""
   return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs))
 
 
-__all__ = ["count_flops", "jaxpr_flops"]
+__all__ = ["count_flops", "jaxpr_flops", "xla_flops"]

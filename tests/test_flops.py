@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from simjax.flops import count_flops
+from simjax.flops import xla_flops as compiled_xla_flops
 from simjax.networks import precond as precond_lib
 
 
@@ -22,6 +23,7 @@ def test_dot_general_batched():
   a, b = normal(0, (3, 5, 7)), normal(1, (3, 7, 4))
   fn = lambda a, b: jnp.einsum("bij,bjk->bik", a, b)
   assert count_flops(fn, a, b) == 2 * 3 * 5 * 7 * 4 == xla_flops(fn, a, b)
+  assert compiled_xla_flops(jax.jit(fn).lower(a, b).compile()) == 2 * 3 * 5 * 7 * 4  # CPU: XLA's own count
 
 
 @pytest.mark.parametrize("stride,padding,lhs_dil,rhs_dil,groups", [
