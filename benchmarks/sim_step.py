@@ -13,19 +13,23 @@ so every optimisation is measured against the plain step in the same process.
 Per case: compile time; median ms per fake-score step, generator step and full iteration; images/s;
 the sum of parts -- the necessary passes each as its own jitted function, in the same dtype and remat
 as the step: generator fwd+bwd (train mode, dropout), teacher fwd+vjp, fake fwd+vjp, and the DSM
-step's generator fwd + fake fwd+bwd -- and iteration / sum of parts; FLOPs per iteration (matmuls
-and convolutions counted from the program, recomputation included, the same on every backend; XLA's
-own cost analysis beside it, which on GPU leaves out the cuDNN convolutions) and model FLOPs (the
-parts' FLOPs); achieved FLOP/s as a fraction of this machine's dense-matmul peak measured in the same
-run (in the compute dtype; on GPU "float32" matmuls run as TF32 by XLA's default precision, and so
-does the peak), and model-FLOPs utilisation against it; peak device memory from XLA's memory analysis. `--memory` only
-compiles the generator step (where the three networks' activations meet) and reports its memory.
+step's generator fwd + fake fwd+bwd -- and iteration / sum of parts (taken within each timed round,
+median and range over the rounds: on a shared machine the rounds drift apart by more than the
+overhead being measured); FLOPs per iteration (matmuls and convolutions counted from the program,
+recomputation included, the same on every backend; XLA's own cost analysis beside it, which on GPU
+leaves out the cuDNN convolutions) and model FLOPs (the parts' FLOPs); achieved FLOP/s as a fraction
+of this machine's dense-matmul peak, timed in the same rounds (in the compute dtype; on GPU "float32"
+matmuls run as TF32 by XLA's default precision, and so does the peak), and model-FLOPs utilisation
+against it; peak device memory from XLA's memory analysis and the process's peak resident host
+memory. `--memory` only compiles the generator step (where the three networks' activations meet)
+and reports its memory.
 """
 import argparse
 import concurrent.futures
 import functools
 import importlib.util
 import json
+import resource
 import statistics
 import sys
 import time
@@ -80,9 +84,10 @@ def apply_variant(config, variant):
 
 
 def timed_interleaved(fns, repeats=5, min_seconds=0.2):
-  """Median seconds per call of each fn() in `fns`, measured in interleaved rounds (every fn once per
-  round) so that load drift on a shared machine hits all of them alike and their ratios hold. Each
-  measurement repeats a fast fn until it covers `min_seconds`."""
+  """Seconds per call of each fn() in `fns`, one list per fn with one entry per round, measured in
+  interleaved rounds (every fn once per round, in alternating order) so that load drift on a shared
+  machine hits all of them alike and ratios taken within a round hold. Each measurement repeats a
+  fast fn until it covers `min_seconds`."""
   calls = {}
   for name, fn in fns.items():
     jax.block_until_ready(fn())  # warm-up
@@ -90,30 +95,34 @@ def timed_interleaved(fns, repeats=5, min_seconds=0.2):
     jax.block_until_ready(fn())
     calls[name] = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
   times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
+  for r in range(repeats):
+    # Every other round runs backwards, so a drift during a round does not always favour the same fns.
+    for name, fn in list(fns.items())[::-1 if r % 2 else 1]:
       t0 = time.perf_counter()
       for _ in range(calls[name]):
         out = fn()
       jax.block_until_ready(out)
       times[name].append((time.perf_counter() - t0) / calls[name])
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
 
 
-def matmul_peak(dtype, repeats=10):
-  """Dense matmul FLOP/s of this machine in `dtype` (the denominator of every utilisation figure): the
-  fastest of `repeats` runs, since a peak is what the machine can do, not what it did under load. On an
-  accelerator the product is large and chained 10 deep, so dispatch latency does not hide the peak."""
+def round_ratios(times, numerator, denominator):
+  """sum(times[n]) / sum(times[d]) within each round: a ratio of calls made seconds apart, which a
+  shared machine's drift over minutes does not move as it moves a ratio of separate medians."""
+  rounds = range(len(next(iter(times.values()))))
+  return [sum(times[n][r] for n in numerator) / sum(times[d][r] for d in denominator) for r in rounds]
+
+
+def matmul_probe(dtype):
+  """(fn, FLOPs per call): a dense matmul in `dtype` that runs at this machine's peak, the denominator
+  of every utilisation figure. It is timed in the same interleaved rounds as the step, so each round's
+  fraction of peak compares the two at the same moment: a shared machine's speed drifts by more than
+  a third over minutes. On an accelerator the product is large and chained 10 deep, so dispatch
+  latency does not hide the peak."""
   n, chain = (2048, 1) if jax.default_backend() == "cpu" else (8192, 10)
   a = jax.random.normal(jax.random.key(0), (n, n), dtype) / n**0.5
   f = jax.jit(lambda a: functools.reduce(lambda x, _: x @ a, range(chain), a))
-  jax.block_until_ready(f(a))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(a))
-    best = min(best, time.perf_counter() - t0)
-  return chain * 2 * n**3 / best
+  return functools.partial(f, a), chain * 2 * n**3
 
 
 def random_params(module, seed=0):
@@ -240,22 +249,33 @@ def run_case(path, batch, variant, repeats):
     compiled = dict(zip(passes, pool.map(lambda fa: compile_stats(fa[0], *fa[1]), passes.values())))
   model_flops = sum(compiled[name][2] for name in passes)
   fns.update({name: functools.partial(compiled[name][0], *args) for name, (_, args) in passes.items()})
+  matmul, matmul_flops = matmul_probe(perf_lib.resolve(config).compute_dtype)
+  fns["matmul"] = matmul
   times = timed_interleaved(fns, repeats=repeats)
-  t_full, t_fake = times["iteration"], times["fake_step"]
-  parts = {name: times[name] for name in passes}
+  med = {name: statistics.median(t) for name, t in times.items()}
+  t_full, t_fake = med["iteration"], med["fake_step"]
+  t_gen = statistics.median(a - b for a, b in zip(times["iteration"], times["fake_step"]))
+  parts = {name: med[name] for name in passes}
   sum_parts = sum(parts.values())
-  peak = matmul_peak(perf_lib.resolve(config).compute_dtype)
+  ratios = round_ratios(times, ["iteration"], list(passes))
+  peak = matmul_flops / med["matmul"]
+  # Per round: (step FLOP/s) / (matmul FLOP/s) = FLOPs ratio * (matmul time / step time).
+  fraction = statistics.median(round_ratios(times, ["matmul"], ["iteration"])) * full_flops / matmul_flops
   results.update(
       compile_seconds=full_compile + fake_compile,
-      ms_fake_step=1e3 * t_fake, ms_generator_step=1e3 * (t_full - t_fake), ms_iteration=1e3 * t_full,
+      ms_fake_step=1e3 * t_fake, ms_generator_step=1e3 * t_gen, ms_iteration=1e3 * t_full,
       images_per_sec=batch / t_full,
       ms_parts={k: 1e3 * v for k, v in parts.items()}, ms_sum_of_parts=1e3 * sum_parts,
-      iteration_over_sum_of_parts=t_full / sum_parts,
+      iteration_over_sum_of_parts=statistics.median(ratios),
+      iteration_over_sum_of_parts_range=[min(ratios), max(ratios)],
       flops_per_iteration=full_flops, xla_flops_per_iteration=full_xla_flops,
       model_flops_per_iteration=model_flops,
       achieved_flops_per_sec=full_flops / t_full, matmul_peak_flops_per_sec=peak,
-      fraction_of_matmul_peak=full_flops / t_full / peak, model_flops_utilisation=model_flops / t_full / peak,
-      peak_memory_bytes=max(full_peak or 0, fake_peak or 0) or None)
+      matmul_peak_flops_per_sec_range=[matmul_flops / max(times["matmul"]), matmul_flops / min(times["matmul"])],
+      fraction_of_matmul_peak=fraction, model_flops_utilisation=fraction * model_flops / full_flops,
+      peak_memory_bytes=max(full_peak or 0, fake_peak or 0) or None,
+      # The process's, over every case so far (KiB on Linux): what perf.reuse_host_memory trades for speed.
+      process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
   return results
 
 

@@ -1,7 +1,8 @@
 """perf.reuse_host_memory: XLA:CPU's per-call temporaries stop being page-faulted on every call.
 
 Each case runs in a fresh process (the settings are process-wide and must precede the backend); the
-program's temporaries (96 MiB) exceed both glibc's mmap threshold and its per-thread heap cap.
+program's temporaries (96 MiB) exceed both glibc's mmap threshold and its per-thread heap cap, and a
+2.25 GiB block checks that trimming is off for blocks of any size.
 """
 import json
 import os
@@ -41,9 +42,13 @@ print(json.dumps({"faults_per_call": sorted(faults)[len(faults) // 2], "applied"
 
 
 def _probe(mode):
+  return _run(PROBE, mode)
+
+
+def _run(script, mode):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
   env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, timeout=300)
+  out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -57,6 +62,35 @@ def test_temporaries_are_reused_instead_of_faulted_in():
   for result in (on, auto):  # auto means on for the CPU backend
     assert result["applied"]
     assert result["faults_per_call"] < 0.05 * result["temp_pages"], result
+
+
+HEAP_PROBE = r"""
+import ctypes, ctypes.util, json, resource, sys
+from simjax import host_memory
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+if sys.argv[1] == "on":
+  host_memory.keep_freed_memory()
+else:  # control: mmap off, but the largest *positive* trim threshold (2 GiB - 1), which a top above it passes
+  assert libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+size = 2**31 + 2**28  # a 2.25 GiB block, like a CIFAR-10 iteration's temporaries at batch 4 on CPU
+faults = []
+for _ in range(3):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block = libc.malloc(size)
+  ctypes.memset(block, 1, size)
+  libc.free(block)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"faults_after_first": faults[1:], "pages": size / resource.getpagesize()}))
+"""
+
+
+def test_a_heap_top_above_2gib_is_not_trimmed():
+  """Freed blocks above 2 GiB stay in the heap too: trimming is turned off, not just raised to the
+  largest threshold mallopt's int takes (the CIFAR-10 iteration faulted ~1.9 GiB per step that way)."""
+  on, control = _run(HEAP_PROBE, "on"), _run(HEAP_PROBE, "int_max")
+  assert min(control["faults_after_first"]) > 0.5 * control["pages"], control
+  assert max(on["faults_after_first"]) < 0.05 * on["pages"], on
 
 
 def _config(mode):
