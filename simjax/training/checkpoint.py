@@ -13,6 +13,7 @@ import gc
 import logging
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -125,23 +126,37 @@ def _drop_closed_loop_callbacks(previous_hook):
   return hook
 
 
+class _DropOrphanedRestoreReads(logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' for tasks that failed inside orbax's reads."""
+  simjax_filter = True
+
+  def filter(self, record):
+    if not record.getMessage().startswith("Task exception was never retrieved") or not record.exc_info:
+      return True
+    frames = traceback.extract_tb(record.exc_info[2])
+    return not any("orbax" in f.filename and ("deserialize" in f.name or "restore" in f.name) for f in frames)
+
+
 @contextlib.contextmanager
 def _quiet_asyncio():
   """Keeps a failed orbax restore from printing hundreds of tracebacks; its failure is reported once.
 
   The first failing array makes orbax close its event loop while tensorstore still completes the
-  other reads: each completion then raises 'Event loop is closed' into sys.unraisablehook (possibly
-  later, so that filter stays), and each orphaned task logs 'exception was never retrieved'.
+  other reads: each completion then raises 'Event loop is closed' into sys.unraisablehook, and each
+  orphaned read task logs 'exception was never retrieved' when it is collected. Both can happen after
+  the restore has returned, so both filters stay installed; they drop only those two messages.
   """
   if not getattr(sys.unraisablehook, "simjax_filter", False):
     sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
   logger = logging.getLogger("asyncio")
+  if not any(getattr(f, "simjax_filter", False) for f in logger.filters):
+    logger.addFilter(_DropOrphanedRestoreReads())
   level = logger.level
-  logger.setLevel(logging.CRITICAL)
+  logger.setLevel(logging.CRITICAL)  # whatever else asyncio says while orbax's restore fails
   try:
     yield
   finally:
-    gc.collect()  # the orphaned tasks log when collected: let that happen while silenced
+    gc.collect()  # most orphaned tasks are collectable now: let them log while silenced
     logger.setLevel(level)
 
 
