@@ -86,8 +86,9 @@ def run_case(case: str, batch: int, mesh_shape, steps: int, dtype: str = "float3
   from simjax.training import distill, perf, sim_steps, state as state_lib  # pylint: disable=import-outside-toplevel
 
   jax.config.update("jax_threefry_partitionable", True)
+  # As simjax.main does, first: build_case starts the backend, after which inline dispatch cannot be set.
+  perf.before_backend_start(_simjax_config(batch))
   config, nets, params, consts, optimizers = build_case(case, batch, dtype)
-  perf.before_backend_start(config)  # as simjax.main does (host memory reuse on CPU)
   perf.apply_process_options(perf.resolve(config))
   mesh = mesh_lib.make_mesh(mesh_shape)
   min_size = int(config.fsdp_min_size)
