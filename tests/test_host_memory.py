@@ -71,7 +71,7 @@ libc = ctypes.CDLL(ctypes.util.find_library("c"))
 if sys.argv[1] == "on":
   host_memory.keep_freed_memory()
 else:  # control: mmap off, but the largest *positive* trim threshold (2 GiB - 1), which a top above it passes
-  assert libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1
+  assert libc.mallopt(host_memory._M_MMAP_MAX, 0) == 1 and libc.mallopt(host_memory._M_TRIM_THRESHOLD, 2**31 - 1) == 1
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 size = 2**31 + 2**28  # a 2.25 GiB block, like a CIFAR-10 iteration's temporaries at batch 4 on CPU
 faults = []
