@@ -40,9 +40,15 @@ def test_noise_level_samplers():
   key = jax.random.key(0)
   ln = jnp.log(edm.sample_sigma_lognormal(key, (200_000,)))
   assert abs(float(ln.mean()) + 1.2) < 0.02 and abs(float(ln.std()) - 1.2) < 0.02
-  s = edm.sample_sigma_karras_uniform(key, (100_000,), t_max=0.8)
-  assert float(s.max()) <= 80.0 + 1e-3
-  assert float(s.min()) >= float(edm.karras_sigma(0.8)) - 1e-6
+  # SiD's direction: t = 0 is sigma_min, t_max = 0.8 caps the largest level at ~24.4, median ~1.
+  s = np.asarray(edm.sample_sigma_karras_uniform(key, (100_000,), t_max=0.8))
+  top = float(edm.karras_sigma(0.2))
+  assert math.isclose(top, 24.4, rel_tol=2e-3)
+  assert float(s.min()) >= 0.002 - 1e-7 and float(s.max()) <= top * (1 + 1e-5)
+  assert float(s.min()) < 0.0025 and float(s.max()) > 0.99 * top  # both ends are reached
+  assert 0.8 < float(np.median(s)) < 1.25
+  # The median is the level at t = t_max / 2 on the rho-grid, read from the low end.
+  assert math.isclose(float(np.median(s)), float(edm.karras_sigma(1 - 0.4)), rel_tol=0.02)
 
 
 def test_heun_nfe_and_determinism():
@@ -71,8 +77,8 @@ def test_stochastic_sampler_needs_key_and_is_seeded():
 
 
 def test_dsm_drives_fake_score_toward_exact_gaussian_score():
-  """DSM on samples of N(mu, diag(std^2)) learns its exact score over the noise levels SIM uses
-  (sigma >= 0.1; t_max = 0.8 keeps the generator loss above ~0.085)."""
+  """DSM on samples of N(mu, diag(std^2)) learns its exact score over sigma in [0.1, 5], the middle
+  of the levels SIM's generator loss draws ([0.002, 24.4], median ~1)."""
   mu, std = jnp.array([0.4, -0.3]), jnp.array([0.3, 0.6])
   net = MLPDenoiser(data_dim=2, hidden=64, num_blocks=2, emb_features=32)
   params = net.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.ones((1,)))["params"]
