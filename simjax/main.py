@@ -101,6 +101,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty at INFO; progress goes to stdout
   import jax  # pylint: disable=import-outside-toplevel  # after flag parsing: --help stays fast
+  import simjax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_threefry_partitionable", True)
   from simjax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
   enable_compilation_cache()
@@ -130,6 +131,10 @@ def main(argv):
     except (ValueError, TypeError, FileNotFoundError) as e:
       fail(_one_line(e))
     perf_lib.apply_process_options(perf_lib.resolve(config))  # validated above
+    if jax.process_index() == 0:
+      print(f"simjax {simjax.__version__}: {config.pipeline} pipeline, --mode={_MODE.value}, workdir "
+            f"{_WORKDIR.value}; {jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} "
+            "process(es)", flush=True)
     try:
       status = pipeline.run(config, _WORKDIR.value, _MODE.value)
     except (UserError, FileNotFoundError) as e:
@@ -146,6 +151,17 @@ def main(argv):
     sys.exit(EXIT_PREEMPTED)
   if status == "preempted":
     print("simjax: preempted; checkpoint saved; rerun the same command to resume.", file=sys.stderr, flush=True)
+  elif jax.process_index() == 0:
+    print_results(_WORKDIR.value)
+
+
+def print_results(workdir):
+  """The run's last lines: where its results are."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  root = epath.Path(workdir)
+  found = [str(root / name) for name in ("eval/final.json", "samples", "generator", "metrics.jsonl")
+           if (root / name).exists()]
+  print("simjax: done; results in " + (", ".join(found) if found else str(root)), flush=True)
 
 
 def run():

@@ -37,7 +37,7 @@ BF16_MIN_DIFF = 1e-4  # below this the bfloat16 path was not taken
 def _config(**perf_overrides):
   c = base_config()
   c.batch_size = BATCH
-  c.loss.huber_c = 0.1 * 8.0
+  c.loss.huber_c_per_dim = 0.1
   for key, value in perf_overrides.items():
     if key.startswith("remat_"):
       c.perf.remat[key[len("remat_"):]] = value

@@ -149,6 +149,20 @@ def test_distance_derivatives_match_autodiff():
 def test_bad_distance_config_is_refused():
   import ml_collections
   with pytest.raises(ValueError, match="unknown distance"):
-    sim.get_distance(ml_collections.ConfigDict({"distance": "l1", "huber_c": 1.0}))
-  with pytest.raises(ValueError, match="must be > 0"):
+    sim.get_distance(ml_collections.ConfigDict({"distance": "l1", "huber_c": 1.0}), 4)
+  with pytest.raises(ValueError, match="finite and > 0"):
     sim.pseudo_huber(0.0)
+  with pytest.raises(ValueError, match="huber_c_per_dim"):
+    sim.get_distance(ml_collections.ConfigDict({"distance": "pseudo_huber", "huber_c": 0.0,
+                                                "huber_c_per_dim": float("nan")}), 4)
+
+
+def test_huber_constant_is_per_dimension_unless_given_absolutely():
+  import ml_collections
+  per_dim = ml_collections.ConfigDict({"distance": "pseudo_huber", "huber_c": 0.0, "huber_c_per_dim": 0.05})
+  assert sim.huber_constant(per_dim, 64) == pytest.approx(0.4)
+  assert sim.huber_constant(per_dim, 3072) == pytest.approx(0.05 * 3072 ** 0.5)
+  absolute = ml_collections.ConfigDict({"distance": "pseudo_huber", "huber_c": 0.7, "huber_c_per_dim": 0.05})
+  assert sim.huber_constant(absolute, 64) == 0.7
+  y = jnp.ones((2, 64))  # ||y|| = 8: d'(y) = y / sqrt(64 + c^2) with c = 0.4
+  np.testing.assert_allclose(sim.get_distance(per_dim, 64).derivative(y), y / np.sqrt(64 + 0.16), rtol=1e-6)

@@ -15,7 +15,16 @@ s_psi - grad log q(x_t | x0) = (D_psi - x0) / sigma^2, so
 
 This is exactly the theorem applied to the divergence with distance d(sigma^2 y), i.e. a weighting
 of the score divergence by noise level; the distance's constants (pseudo-Huber c) are therefore in
-the data's own units (per-sample Euclidean norm over all of a sample's dimensions).
+the data's own units (per-sample Euclidean norm over all of a sample's dimensions). Configs give c per
+dimension (`loss.huber_c_per_dim`, c = huber_c_per_dim * sqrt(D)) so one value fits any data size.
+
+The per-sample normalisation (`normalize=True`, DMD's and SiD's weight 1 / sg(mean |x0 - D_p(x_t)|))
+is *outside* the score-gradient theorem: the weight depends on x0 = G_theta(z) through the sample, so
+the gradient of the normalised surrogate is the gradient of a divergence whose weighting changes with
+the generator, not the gradient of the fixed-weight divergence D(theta). The weight is held under
+stop-gradient (as SiD and DMD do), which keeps the direction a positively reweighted per-sample
+version of the theorem's; only `normalize=False` has the exact gradient that
+tests/test_sim_gradient.py proves against finite differences.
 """
 from typing import Callable, NamedTuple
 
@@ -44,8 +53,9 @@ def squared_l2() -> Distance:
 
 def pseudo_huber(c: float) -> Distance:
   """d(y) = sqrt(||y||^2 + c^2) - c, d'(y) = y / sqrt(||y||^2 + c^2); c in the data's units."""
-  if not c > 0:
-    raise ValueError(f"pseudo-Huber constant c must be > 0, got {c}; set --config.loss.huber_c to a positive value.")
+  if not 0 < c < float("inf"):
+    raise ValueError(f"pseudo-Huber constant c must be finite and > 0, got {c}; set --config.loss.huber_c to a "
+                     "positive value.")
   def value(y):
     return jnp.sqrt(_sq_norm(y) + c**2) - c
   def derivative(y):
@@ -53,18 +63,30 @@ def pseudo_huber(c: float) -> Distance:
   return Distance(value=value, derivative=derivative)
 
 
+def huber_constant(loss_config, data_dim: int) -> float:
+  """pseudo-Huber c in data units: `huber_c` where set (> 0), else huber_c_per_dim * sqrt(data_dim)."""
+  absolute = float(loss_config.get("huber_c", 0.0) or 0.0)
+  if absolute:
+    return absolute
+  per_dim = float(loss_config.get("huber_c_per_dim", 0.0) or 0.0)
+  if not per_dim > 0 or per_dim == float("inf"):
+    raise ValueError(f"loss.huber_c_per_dim must be a finite value > 0, got {loss_config.get('huber_c_per_dim')}; "
+                     "set --config.loss.huber_c_per_dim (c = huber_c_per_dim * sqrt(D)) or --config.loss.huber_c.")
+  return per_dim * float(data_dim) ** 0.5
+
+
 DISTANCES = {
-    "l2": lambda cfg: squared_l2(),
-    "pseudo_huber": lambda cfg: pseudo_huber(float(cfg.huber_c)),
+    "l2": lambda cfg, dim: squared_l2(),
+    "pseudo_huber": lambda cfg, dim: pseudo_huber(huber_constant(cfg, dim)),
 }
 
 
-def get_distance(loss_config) -> Distance:
-  """Looks up `loss_config.distance` in DISTANCES; register new distances there."""
+def get_distance(loss_config, data_dim: int) -> Distance:
+  """Looks up `loss_config.distance` in DISTANCES (data_dim: dimensions per sample); register new ones there."""
   name = loss_config.distance
   if name not in DISTANCES:
     raise ValueError(f"unknown distance {name!r}; set --config.loss.distance to one of {sorted(DISTANCES)}.")
-  return DISTANCES[name](loss_config)
+  return DISTANCES[name](loss_config, data_dim)
 
 
 def dmd_normalizer(x0, denoised_teacher, floor=1e-5):

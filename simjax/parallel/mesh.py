@@ -136,7 +136,15 @@ def maybe_initialize_distributed(requested: bool = False) -> bool:
   kwargs = {}
   if "SIMJAX_COORDINATOR" in env:  # explicit setup (tests, bare clusters)
     kwargs = explicit_distributed_setup(env)
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    reason = " ".join(str(e).split())[:200]
+    asked = "--distributed" if requested else ("SIMJAX_DISTRIBUTED=1" if wanted else "a multi-worker launch")
+    raise ValueError(f"{asked} asked for a multi-host run, but jax.distributed.initialize() failed ({reason}); "
+                     "run under a cluster JAX detects (Cloud TPU pod, SLURM), or set SIMJAX_COORDINATOR=host:port, "
+                     "SIMJAX_NUM_PROCESSES and SIMJAX_PROCESS_ID on every process, or drop --distributed / "
+                     "SIMJAX_DISTRIBUTED for a single-process run.") from None
   return True
 
 

@@ -1,4 +1,6 @@
 """What every pipeline does around its stages: checkpoints and metrics for a stage, shared checks."""
+import math
+
 from etils import epath
 
 from simjax.parallel import mesh as mesh_lib
@@ -20,36 +22,82 @@ def open_stage(config, workdir, stage: str = "checkpoints", metrics_file: str = 
   return checkpointer, writer
 
 
-def validate_common(config):
+def _positive(config, name, *, finite=True):
+  """config[name] as a float > 0 (and finite unless finite=False), else a one-line error naming the flag."""
+  value = float(config[name])
+  if not value > 0 or (finite and not math.isfinite(value)):
+    raise ValueError(f"{name} must be > 0{' and finite' if finite else ''}, got {config[name]}; "
+                     f"set --config.{name} to a positive{' finite' if finite else ''} value.")
+  return value
+
+
+def _positive_int(section, name, prefix="", minimum=1):
+  value = int(section[name])
+  if value < minimum:
+    raise ValueError(f"{prefix}{name} must be >= {minimum}, got {section[name]}; set --config.{prefix}{name} "
+                     f"to an integer >= {minimum}.")
+  return value
+
+
+def validate_ema(section, prefix=""):
+  """EMA half-life (images, > 0 and finite) and ramp-up ratio (0 = off, else finite > 0)."""
+  half_life = float(section.ema_half_life_images)
+  if not 0 < half_life < float("inf"):
+    raise ValueError(f"{prefix}ema_half_life_images must be a finite value > 0, got {section.ema_half_life_images}; "
+                     f"set --config.{prefix}ema_half_life_images (images).")
+  ratio = section.get("ema_rampup_ratio")
+  if ratio is not None and not (math.isfinite(float(ratio)) and float(ratio) >= 0):
+    raise ValueError(f"{prefix}ema_rampup_ratio must be 0 (no ramp-up) or a finite value > 0, got {ratio}; "
+                     f"set --config.{prefix}ema_rampup_ratio (SiD/EDM use 0.05).")
+
+
+def validate_common(config, data_dim: int = 1):
   """Checks shared by every pipeline; each raises a one-line ValueError naming the fix."""
   for name in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
-    if int(config[name]) < 1:
-      raise ValueError(f"{name} must be >= 1, got {config[name]}; set --config.{name} to a positive integer.")
-  for name in ("sigma_init", "sigma_min", "sigma_max", "sigma_data"):
-    if not float(config[name]) > 0:
-      raise ValueError(f"{name} must be > 0, got {config[name]}; set --config.{name} to a positive value.")
+    _positive_int(config, name)
+  # XLA indexes a batch's elements with 32-bit integers: a larger batch cannot even be drawn.
+  if int(config.batch_size) * int(data_dim) >= 2**31:
+    raise ValueError(f"batch_size={config.batch_size} times {data_dim} values per sample exceeds 2^31 elements; "
+                     "set --config.batch_size to a realistic value (e.g. 256).")
+  for name in ("sigma_init", "sigma_min", "sigma_max", "sigma_data", "rho"):
+    if name in config:
+      _positive(config, name)
   if float(config.sigma_min) >= float(config.sigma_max):
     raise ValueError(f"sigma_min ({config.sigma_min}) must be below sigma_max ({config.sigma_max}); "
                      "set --config.sigma_min / --config.sigma_max so that 0 < sigma_min < sigma_max.")
   if not 0.0 < float(config.loss.t_max) <= 1.0:
     raise ValueError(f"loss.t_max must lie in (0, 1], got {config.loss.t_max}; set --config.loss.t_max in (0, 1].")
-  if int(config.fake_steps_per_iteration) < 1:
-    raise ValueError(f"fake_steps_per_iteration must be >= 1, got {config.fake_steps_per_iteration}; "
-                     "set --config.fake_steps_per_iteration to a positive integer.")
+  _positive_int(config, "fake_steps_per_iteration")
   for name in ("max_nonfinite_streak", "keep_checkpoints"):
-    if name in config and int(config[name]) < 1:
-      raise ValueError(f"{name} must be >= 1, got {config[name]}; set --config.{name} to a positive integer.")
-  for name in ("ema_half_life_images", "fake_p_std"):
-    if name in config and not float(config[name]) > 0:
-      raise ValueError(f"{name} must be > 0, got {config[name]}; set --config.{name} to a positive value.")
+    if name in config:
+      _positive_int(config, name)
+  if "fake_p_std" in config:
+    _positive(config, "fake_p_std")
+  if "fake_p_mean" in config and not math.isfinite(float(config.fake_p_mean)):
+    raise ValueError(f"fake_p_mean must be finite, got {config.fake_p_mean}; set --config.fake_p_mean (EDM: -1.2).")
+  validate_ema(config)
+  validate_eval(config)
   for name in ("generator", "fake"):
     try:
       state_lib.make_optimizer(config.optim[name])
     except ValueError as e:  # name the optimizer and the flag to fix
       raise ValueError(f"optim.{name}: {str(e).rstrip('.')} (--config.optim.{name}.*).") from None
   from simjax.losses import sim  # pylint: disable=import-outside-toplevel
-  sim.get_distance(config.loss)
+  from simjax.training import sim_steps  # pylint: disable=import-outside-toplevel
+  sim.get_distance(config.loss, data_dim)
+  sim_steps.loss_scales(config)
   perf_lib.resolve(config)
   mesh = mesh_lib.make_mesh(config.mesh_shape)
   mesh_lib.check_batch_divisible(int(config.batch_size), mesh)
   return mesh
+
+
+def validate_eval(config):
+  """The evaluation's sizes, checked before training starts (a bad one would only fail after it)."""
+  ev = config.eval
+  for name, minimum in (("num_samples", 2), ("batch_size", 1), ("teacher_steps", 1), ("num_projections", 1),
+                        ("periodic_samples", 2)):
+    if name in ev:
+      _positive_int(ev, name, "eval.", minimum)
+  if "every" in ev and int(ev.every) < 0:
+    raise ValueError(f"eval.every must be >= 0 (0 = off), got {ev.every}; set --config.eval.every.")

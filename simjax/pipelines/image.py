@@ -7,6 +7,7 @@ Stages, each resumable from the workdir:
   generator/  the EMA generator exported with its arch and sigma_init;
   eval/       Frechet distances (digit-classifier features or FID Inception), class histograms.
 """
+import functools
 import time
 
 import jax
@@ -82,15 +83,19 @@ def check_arch_matches(arch, config, source):
 def validate(config, mode):
   if mode not in MODES:
     raise ValueError(f"mode {mode!r} is not available for the image pipeline; use one of {MODES}.")
-  common.validate_common(config)
   shape = data_shape(config)
+  common.validate_common(config, int(np.prod(shape)))
   if len(shape) != 3 or shape[0] != shape[1]:
     raise ValueError(f"data.shape must be (R, R, C), got {shape}.")
+  if config.data.name == "digits" and not 0.0 < float(config.data.holdout_fraction) < 1.0:
+    raise ValueError(f"data.holdout_fraction must lie in (0, 1), got {config.data.holdout_fraction}; "
+                     "set --config.data.holdout_fraction (e.g. 0.2).")
   if config.teacher.kind == "train":
     tt = config.teacher_train
-    for name in ("batch_size", "num_steps"):
+    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
       if int(tt[name]) < 1:
-        raise ValueError(f"teacher_train.{name} must be >= 1, got {tt[name]}.")
+        raise ValueError(f"teacher_train.{name} must be >= 1, got {tt[name]}; set --config.teacher_train.{name}.")
+    common.validate_ema(tt, "teacher_train.")
     state_lib.make_optimizer(tt.optim)
     mesh_lib.check_batch_divisible(int(tt.batch_size), mesh_lib.make_mesh(config.mesh_shape), "teacher_train.batch_size")
     precond_lib.build_precond(teacher_arch_from_config(config))
@@ -99,10 +104,30 @@ def validate(config, mode):
     if not config.teacher.checkpoint or not path.exists():
       raise ValueError(f"teacher checkpoint {config.teacher.checkpoint!r} not found; set "
                        "--config.teacher.checkpoint to an EDM network pickle, a state dict or a converted directory.")
-    if path.is_dir():
-      check_arch_matches(edm_teachers.read_arch_file(path / "arch.json"), config, str(path))
+    if mode != "sample" or config.sample.source == "teacher":
+      teacher = read_teacher(str(path))  # the whole file is read and checked before the workdir is touched
+      check_arch_matches(teacher.arch, config, str(path))
   else:
     raise ValueError(f"unknown teacher.kind {config.teacher.kind!r}; use 'train' or 'checkpoint'.")
+
+
+@functools.lru_cache(maxsize=2)
+def read_teacher(path: str):
+  """The teacher at `path`, read once per process (validation reads it, the run reuses it).
+
+  Any failure to read a user's file (empty, truncated, not a pickle, an unsafe pickle, a state dict that
+  does not fit its architecture) is one UserError line naming the file and what simjax accepts.
+  """
+  try:
+    return edm_teachers.load_teacher(path)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # an untrusted file: every failure is bad input
+    detail = " ".join(str(e).replace(path, "it").split())
+    detail = (detail if len(detail) <= 200 else detail[:197] + "...") or type(e).__name__
+    raise UserError(f"cannot read the teacher checkpoint {path} ({type(e).__name__}: {detail}); point "
+                    "--config.teacher.checkpoint at an EDM .pkl, a .pt/.npz state dict with arch.json beside it, "
+                    "or a `python -m simjax.convert_edm` directory.") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +188,7 @@ def _teacher_step_config(config):
 
 def build_distillation(config, workdir, mesh):
   path = resolve_teacher_path(config, workdir)
-  teacher = edm_teachers.load_teacher(path)
+  teacher = read_teacher(str(path))
   check_arch_matches(teacher.arch, config, str(path))
   module = teacher.module
   teacher_params, extra = split_variables(teacher.params)

@@ -56,10 +56,18 @@ def base_config():
 
   c.loss = ml_collections.ConfigDict()
   c.loss.distance = "pseudo_huber"    # or "l2"
-  c.loss.huber_c = 0.03 * 55.4        # data units ([-1, 1] pixels), per-sample norm: 0.03 * sqrt(dim)
+  c.loss.huber_c_per_dim = 0.03       # pseudo-Huber c = huber_c_per_dim * sqrt(D), data units ([-1, 1] pixels)
+  c.loss.huber_c = 0.0                # > 0: an absolute c instead (data units)
   c.loss.normalize = True             # divide by sg(mean |x0 - D_p(x_t)|)
   c.loss.normalize_floor = 1e-5
+  # t ~ U[0, t_max], sigma = (s_max^(1/rho) + (1 - t)(s_min^(1/rho) - s_max^(1/rho)))^rho (SiD's direction):
+  # t_max = 0.8 puts the generator loss's sigma in [0.002, 24.4], median ~1.
   c.loss.t_max = 0.8
+  # Loss scaling as SiD's --lsg / --ls (run_sid.sh: 100 and 1). Under Adam only eps (1e-8) sees the scale:
+  # on the digits default eps is under 1% of sqrt(nu) for all but 0.03% of the generator's parameters
+  # (zero-gradient ones), so 1 gives the same steps; SiD's 100 is for fp16 underflow.
+  c.loss.generator_scale = 1.0
+  c.loss.fake_scale = 1.0
 
   c.fake_p_mean = -1.2
   c.fake_p_std = 1.2
@@ -71,8 +79,8 @@ def base_config():
   c.optim = ml_collections.ConfigDict()
   c.optim.generator = _adam(1e-5)
   c.optim.fake = _adam(1e-5)
-  c.ema_half_life_images = 500_000.0  # 0.5 Mimg
-  c.ema_rampup_ratio = 0.0
+  c.ema_half_life_images = 500_000.0  # 0.5 Mimg (SiD's sid_train.py --ema 0.5)
+  c.ema_rampup_ratio = 0.05           # half-life <= 0.05 * images seen (SiD's training_loop default)
 
   c.mesh_shape = (-1, 1)
   c.fsdp_min_size = 2**14

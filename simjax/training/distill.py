@@ -22,6 +22,8 @@ from simjax.training.networks import one_hot_labels
 
 def compile_logged(fn, name, *args):
   """Ahead-of-time compile with the compile time logged (maxdiffusion habit)."""
+  if jax.process_index() == 0:
+    print(f"compiling {name} ...", flush=True)
   t0 = time.time()
   compiled = fn.lower(*args).compile()
   if jax.process_index() == 0:

@@ -3,6 +3,7 @@
 Inside the loop nothing waits on the device except at the logging interval, where the metrics of
 that step are copied to the host asynchronously and written one step later.
 """
+import collections
 import contextlib
 import json
 import logging
@@ -156,6 +157,36 @@ def format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+class StreakWatch:
+  """Checks the non-finite streak of every step without waiting on the device.
+
+  Each step's streak counter starts copying to the host as soon as the step is dispatched; counters that
+  have arrived (`is_ready`) are read for free, so a streak over the limit stops the run within a step or
+  two of reaching it, and the loop never blocks for it (log and checkpoint steps still check exactly).
+  """
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.pending = collections.deque()
+
+  def add(self, step: int, streak):
+    if streak is None:
+      return
+    streak = jnp.copy(streak)  # its own buffer: the metrics dict may be donated or dropped
+    streak.copy_to_host_async()
+    self.pending.append((step, streak))
+
+  def longest_arrived(self):
+    """(step, streak) of the longest streak among the counters that have arrived, or None."""
+    worst = None
+    while self.pending and self.pending[0][1].is_ready():
+      step, streak = self.pending.popleft()
+      value = int(streak)
+      if worst is None or value > worst[1]:
+        worst = (step, value)
+    return worst
+
+
 def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: int, checkpointer, writer: MetricWriter,
              log_every: int, max_nonfinite_streak: int, stage: str,
              hooks: Sequence[Tuple[int, Callable]] = (), progress_keys: Sequence[str] = ()) -> Tuple[object, str]:
@@ -167,14 +198,16 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
   Guarantees that make a killed run resume exactly: every metrics row up to a step is written
   before that step's checkpoint starts, so cutting the log back to the restored step
   (`MetricWriter.truncate_after`) reproduces an uninterrupted log; and no checkpoint is started
-  for a state past `max_nonfinite_streak` skipped steps in a row (NonFiniteError instead).
+  for a state past `max_nonfinite_streak` skipped steps in a row (NonFiniteError instead). The streak is
+  watched at every step (`StreakWatch`), so a run stops within a step or two of reaching the limit.
   """
   step = int(jax.device_get(state.step))
   start_step, t_start = step, time.time()
-  eta_base = []  # (time, step, rate) at the first log
+  eta_base = []  # (time, step) once the first step is compiled: the ETA excludes start-up and compilation
   t_log, step_log = t_start, step
   pending: Optional[Tuple[int, dict, float, object]] = None
   is_main = jax.process_index() == 0
+  watch = StreakWatch(max_nonfinite_streak)
 
   def check_finite(at_step: int, longest_streak: int):
     if longest_streak >= max_nonfinite_streak:
@@ -197,12 +230,10 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
     check_finite(p_step, max(int(host.get("nonfinite_streak", 0)), int(jax.device_get(p_longest))))
     if is_main:
       done = p_step - start_step
-      # ETA from the mean rate since the first log (after compilation): single intervals are jumpy
-      # because of hooks and checkpoints.
-      if not eta_base:
-        eta_base.extend([time.time(), p_step, p_rate])
-      t0, s0, r0 = eta_base
-      mean_rate = (p_step - s0) / (time.time() - t0) if p_step > s0 else r0
+      # ETA from the mean rate since this run's step was compiled (compilation and start-up are not in
+      # it); single intervals are jumpy because of hooks and checkpoints.
+      t0, s0 = eta_base if eta_base else (t_start, start_step)
+      mean_rate = (p_step - s0) / max(time.time() - t0, 1e-9) if p_step > s0 else p_rate
       eta = (num_steps - p_step) / max(mean_rate, 1e-9)
       shown = " ".join(f"{k}={float(host[k]):.4g}" for k in progress_keys if k in host)
       print(f"[{stage}] step {p_step}/{num_steps} ({100 * p_step / max(num_steps, 1):.1f}%) {shown} "
@@ -227,8 +258,16 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
     if preempt.requested:  # signalled before the loop (an earlier stage): nothing new to save
       return state, "preempted"
     while step < num_steps:
-      state, metrics = step_fn(step)(state, consts)
+      compiled = step_fn(step)  # the first call of a stage compiles its step
+      if not eta_base:  # the ETA's and the first rate's clock start after compilation
+        eta_base.extend([time.time(), step])
+        t_log, step_log = eta_base
+      state, metrics = compiled(state, consts)
       step += 1
+      watch.add(step, metrics.get("nonfinite_streak") if isinstance(metrics, dict) else None)
+      arrived = watch.longest_arrived()
+      if arrived is not None:
+        check_finite(*arrived)
       flush()  # the previous log step's metrics are on the host by now
       if step % log_every == 0 or step == num_steps:
         now = time.time()

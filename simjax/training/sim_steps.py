@@ -5,6 +5,7 @@ Noise for the *global* batch is drawn outside shard_map from fold_in(base_key, s
 `jax_threefry_partitionable` the numbers do not depend on the device count. Per-device losses and
 gradients run inside `jax.shard_map`, averaged with explicit collectives (DESIGN.md section 2).
 """
+import math
 from typing import Callable, Dict, NamedTuple
 
 import jax
@@ -71,23 +72,27 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   gen_nets = perf_lib.configure_networks(nets, opts)
   if opts.fuse_teacher_fake:
     perf_lib.check_fusable(gen_nets)
-  distance = sim.get_distance(config.loss)
+  distance = sim.get_distance(config.loss, math.prod(nets.data_shape))
+  # SiD's loss scaling (--lsg 100, --ls 1): gradients reach Adam multiplied by these; losses and gradient
+  # norms are reported unscaled.
+  gen_scale, fake_scale = loss_scales(config)
   bspec = lambda x: None if x is None else mesh_lib.batch_spec(x.ndim)
 
   def fake_local(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
     consts = mesh_lib.gather_params(consts, specs["consts"])
     gen_full = mesh_lib.gather_params(gen_params, specs["generator"])
     rng = jax.random.fold_in(rng, device_index(mesh))
-    x_g = jax.lax.stop_gradient(fake_nets.generate(gen_full, consts["generator"], z, labels, train=True, rng=rng))
+    # The generator is in eval mode here (no dropout), as in SiD's fake-score update.
+    x_g = jax.lax.stop_gradient(fake_nets.generate(gen_full, consts["generator"], z, labels))
 
     def loss_fn(fp_local):
       fp = mesh_lib.gather_params(fp_local, specs["fake"])
       denoise = lambda p, x, s: fake_nets.fake.apply(p, consts["fake"], x, s, labels,
                                                      train=True, rng=jax.random.fold_in(rng, 1))
-      return dsm.dsm_loss(fp, denoise, x_g, sigma, eps, float(config.sigma_data))
+      return fake_scale * dsm.dsm_loss(fp, denoise, x_g, sigma, eps, float(config.sigma_data))
 
     loss, grads = jax.value_and_grad(loss_fn)(fake_params)
-    return jax.lax.pmean(loss, mesh_lib.BATCH_AXES), average_grads(grads, specs["fake"], mesh)
+    return jax.lax.pmean(loss, mesh_lib.BATCH_AXES) / fake_scale, average_grads(grads, specs["fake"], mesh)
 
   def gen_local(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
     consts = mesh_lib.gather_params(consts, specs["consts"])
@@ -107,13 +112,14 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
 
     def loss_fn(gp_local):
       gp = mesh_lib.gather_params(gp_local, specs["generator"])
-      return sim.sim_generator_loss(
+      loss, aux = sim.sim_generator_loss(
           gp, fake_full, consts["teacher"], generate=generate, teacher_denoise=teacher_denoise,
           fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma, distance=distance,
           normalize=bool(config.loss.normalize), normalize_floor=float(config.loss.normalize_floor))
+      return gen_scale * loss, aux
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen_params)
-    return jax.lax.pmean(loss, mesh_lib.BATCH_AXES), average_grads(grads, specs["generator"], mesh)
+    return jax.lax.pmean(loss, mesh_lib.BATCH_AXES) / gen_scale, average_grads(grads, specs["generator"], mesh)
 
   def sharded(fn, out_params_spec):
     def call(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
@@ -127,6 +133,15 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   return StepGrads(fake=sharded(fake_local, specs["fake"]), generator=sharded(gen_local, specs["generator"]))
 
 
+def loss_scales(config):
+  """(generator, fake) loss scales: config.loss.generator_scale / fake_scale, default 1."""
+  scales = tuple(float(config.loss.get(name, 1.0)) for name in ("generator_scale", "fake_scale"))
+  for name, value in zip(("generator_scale", "fake_scale"), scales):
+    if not 0 < value < float("inf"):
+      raise ValueError(f"loss.{name} must be a finite value > 0, got {value}; set --config.loss.{name}.")
+  return scales
+
+
 def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, object], optimizers: Dict[str, Callable],
                        *, with_generator: bool = True):
   """Builds iteration(state, consts). specs: PartitionSpecs of 'generator', 'fake' params and 'consts'.
@@ -138,6 +153,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
   base_key = jax.random.key(int(config.seed))
   fake_steps = int(config.fake_steps_per_iteration)
   step_grads = make_step_grads(nets, config, mesh, specs)
+  gen_scale, fake_scale = loss_scales(config)
 
   def iteration(state: state_lib.TrainState, consts):
     key = jax.random.fold_in(base_key, state.step)
@@ -154,7 +170,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       params["fake"], opt_state["fake"] = state_lib.apply_optimizer(optimizers["fake"], params["fake"],
                                                                     opt_state["fake"], grads)
       fake_losses.append(loss)
-      fake_norms.append(state_lib.global_norm(grads))
+      fake_norms.append(state_lib.global_norm(grads) / fake_scale)
     metrics["fake_loss"] = jnp.mean(jnp.stack(fake_losses))
     metrics["fake_grad_norm"] = jnp.mean(jnp.stack(fake_norms))
     ema = dict(state.ema)
@@ -170,7 +186,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
           optimizers["generator"], params["generator"], opt_state["generator"], grads)
       decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
       ema["generator"] = state_lib.ema_update(ema["generator"], params["generator"], decay)
-      metrics.update(gen_loss=loss, gen_grad_norm=state_lib.global_norm(grads), ema_decay=decay)
+      metrics.update(gen_loss=loss, gen_grad_norm=state_lib.global_norm(grads) / gen_scale, ema_decay=decay)
     else:
       zero = jnp.zeros((), jnp.float32)
       metrics.update(gen_loss=zero, gen_grad_norm=zero, ema_decay=zero)
