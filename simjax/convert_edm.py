@@ -24,7 +24,7 @@ def _arch_summary(arch) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m simjax.convert_edm", description=__doc__.split("\n\n")[0])
   parser.add_argument("input", help="EDM network pickle (.pkl) or state dict (.pt/.pth/.npz)")
-  parser.add_argument("out_dir", help="output directory (must not exist)")
+  parser.add_argument("out_dir", help="output directory (must not exist, or be empty)")
   parser.add_argument("--arch", default=None, help="JSON file with EDM precond kwargs, for bare state dicts")
   args = parser.parse_args(argv)
 
@@ -34,8 +34,7 @@ def main(argv=None) -> int:
 
   try:
     out_dir = Path(args.out_dir)
-    if out_dir.exists():
-      raise ValueError(f"output directory {out_dir} already exists; remove it or choose another path.")
+    edm.check_output_dir(out_dir)  # before the (slow) read: a taken OUT_DIR fails at once
     arch, variables = edm.read_edm_checkpoint(args.input, arch=args.arch)
     edm.save_converted(out_dir, arch, variables)
   except (ValueError, OSError) as e:

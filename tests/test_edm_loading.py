@@ -378,6 +378,16 @@ def test_convert_edm_command(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert '"label_dim": 10' in printed and "parameters: " in printed
   assert (tmp_path / "out" / "arch.json").is_file() and (tmp_path / "out" / "params").is_dir()
+  # An existing empty OUT_DIR is accepted (e.g. made by a job script); a non-empty one is refused untouched.
+  (tmp_path / "empty_out").mkdir()
+  assert convert_main([str(pkl), str(tmp_path / "empty_out")]) == 0
+  assert (tmp_path / "empty_out" / "arch.json").is_file()
+  capsys.readouterr()
+  (tmp_path / "taken").mkdir()
+  (tmp_path / "taken" / "mine.txt").write_text("keep")
+  assert convert_main([str(pkl), str(tmp_path / "taken")]) == 2
+  assert "not empty" in capsys.readouterr().err
+  assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["mine.txt"]
 
   # Missing tensors: one line, status 2, nothing written.
   bad_state = tmp_path / "partial.npz"

@@ -129,16 +129,23 @@ def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray])
 # Converted checkpoint directories.
 
 
+def check_output_dir(out_dir) -> None:
+  """A converted checkpoint's OUT_DIR must be absent or an empty directory (nothing of the user's is replaced)."""
+  out_dir = Path(out_dir)
+  if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+    what = "is a file" if not out_dir.is_dir() else "already exists and is not empty"
+    raise ValueError(f"output directory {out_dir} {what}; remove it or choose another path.")
+
+
 def save_converted(out_dir, arch: Mapping[str, Any], params) -> Path:
-  """Writes OUT_DIR/arch.json + OUT_DIR/params (orbax) atomically; OUT_DIR must not exist yet.
+  """Writes OUT_DIR/arch.json + OUT_DIR/params (orbax) atomically; OUT_DIR must be absent or empty.
 
   `params` is the variables pytree ({'params': ...}) that `module.apply` takes.
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   out_dir = Path(out_dir).absolute()
-  if out_dir.exists():
-    raise ValueError(f"output directory {out_dir} already exists; remove it or choose another path.")
+  check_output_dir(out_dir)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   staging.mkdir()  # honours the umask (tempfile.mkdtemp would make it private)
@@ -148,7 +155,7 @@ def save_converted(out_dir, arch: Mapping[str, Any], params) -> Path:
     checkpointer.save(staging / PARAMS_DIR, jax.tree_util.tree_map(np.asarray, params))
     checkpointer.wait_until_finished()
     checkpointer.close()
-    os.rename(staging, out_dir)  # atomic: readers never see a half-written directory
+    os.rename(staging, out_dir)  # atomic (and replaces an empty OUT_DIR): readers never see half a directory
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
