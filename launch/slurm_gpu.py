@@ -12,11 +12,18 @@ SLURM_LOCALID in vain (jax-ml/jax#28194).
 `--dry-run` prints, instead of submitting, a shell snippet that does exactly what the launcher
 would do: write the batch script (a here-document) and run `sbatch` on it.
 
+The config file must exist in the checkout `--repo-dir` (default: the one holding this script),
+seen from where the launcher runs. When ml_collections and simjax's imports are importable by the
+launcher's Python, as with the project's venv (`/shared/envs/simjax/bin/python launch/slurm_gpu.py`),
+every `--config.KEY=VALUE` is also checked against the config file; with a bare `python3` the keys
+are left to simjax (a note on stderr says so). A missing file, or a checked key that names no
+field, exits 2 before anything is written or submitted.
+
 Example:
   python3 launch/slurm_gpu.py --nodes=2 --gpus-per-node=8 --partition=gpu --time=24:00:00 \\
       --account=my-account --venv=/shared/envs/simjax \\
-      --config=configs/cifar10_sim.py --workdir=/shared/runs/cifar10_sim \\
-      --config.training.batch_size=512 --dry-run
+      --config=configs/cifar10.py:/shared/models/edm-cifar10-32x32-uncond-vp.pkl \\
+      --workdir=/shared/runs/cifar10 --config.batch_size=512 --config.num_steps=200000 --dry-run
 """
 
 from __future__ import annotations
@@ -27,10 +34,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from launch_common import (CommandRunner, OneLineArgumentParser, UsageError,
-                           parse_env_assignments, require_positive, run_main, simjax_command,
-                           split_config_overrides, validate_config_path, validate_mode,
-                           validate_workdir)
+from launch_common import (CommandRunner, OneLineArgumentParser, UsageError, check_config,
+                           override_keys, parse_env_assignments, require_positive, run_main,
+                           simjax_command, split_config_overrides, validate_config_path,
+                           validate_mode, validate_workdir)
 
 PROG = "slurm_gpu.py"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog=PROG, allow_abbrev=False, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="simjax --config.KEY=VALUE overrides (anywhere) and `-- EXTRA_FLAGS` (at the end) "
-               "are appended to the simjax command.")
+        epilog="simjax --config.KEY=VALUE overrides (anywhere; KEY a field of the --config file, e.g. "
+               "--config.batch_size=512) and `-- EXTRA_FLAGS` (at the end: tokens after `--` go to "
+               "simjax.main unchanged, e.g. -- --overwrite) are appended to the simjax command.")
     job = parser.add_argument_group("allocation")
     job.add_argument("--nodes", type=int, help="number of nodes (required)")
     job.add_argument("--gpus-per-node", type=int,
@@ -78,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     environment.add_argument("--python", default="python3", help="Python executable (default python3)")
 
     run = parser.add_argument_group("simjax")
-    run.add_argument("--config", help="config file, relative to --repo-dir: configs/NAME.py[:ARG] (required)")
+    run.add_argument("--config", help="config file, relative to --repo-dir: configs/NAME.py[:ARG], e.g. "
+                                      "configs/gmm2d.py or configs/cifar10.py:TEACHER.pkl; it must exist there (required)")
     run.add_argument("--workdir", help="absolute path on the shared filesystem, or gs://BUCKET/PATH (required)")
     run.add_argument("--mode", default="train", help="simjax --mode (default train)")
 
@@ -128,6 +137,12 @@ def validate(args) -> None:
     validate_mode(args.mode)
     args.env = parse_env_assignments(args.env)
     args.script = args.script or f"{args.job_name}.sbatch"
+    if not Path(args.repo_dir).is_dir():
+        raise UsageError(f"--repo-dir={args.repo_dir!r} does not exist here; run the launcher where the "
+                         "shared filesystem holding the checkout is mounted (the login node)")
+    # Last: it may import the config file (and with it jax).
+    args.config_note = check_config(args.config, override_keys(args.overrides, args.passthrough),
+                                    Path(args.repo_dir))
 
 
 def batch_script(args) -> str:
@@ -180,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         validate(args)
         script = batch_script(args)
         runner = CommandRunner(dry_run=args.dry_run)
+        if args.config_note:
+            runner.note(args.config_note)
         if args.dry_run:
             # A pastable snippet: exactly the file the launcher would write, then sbatch.
             print(f"cat > {shlex.quote(args.script)} <<'{HEREDOC_END}'")

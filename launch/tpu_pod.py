@@ -15,15 +15,23 @@ Subcommands (each takes --project, --zone, --name and --dry-run):
   up       create [+ wait] + install + run; with --foreground --delete-after, a one-shot job
 
 `--dry-run` prints every command, one per line, shell-quoted and exact, and runs nothing.
-simjax's `--config.a.b=VALUE` overrides go anywhere on the `run`/`up` command line; tokens
-after `--` are appended to the simjax command unchanged.
+simjax's `--config.KEY=VALUE` overrides go anywhere on the `run`/`up` command line; tokens
+after `--` are appended to the simjax command (`python3 -m simjax.main ...`) unchanged.
+
+`--config` names a file of the simjax tree (configs/cifar10.py, configs/cifar10_cond.py,
+configs/digits.py, configs/gmm2d.py); it must exist in the checkout holding this script, which
+should be the commit the workers install. The launcher itself needs only the standard library:
+when ml_collections and simjax's imports (jax) are importable here too (the project's venv),
+every `--config.KEY` is also checked against the config file; otherwise a note on stderr says
+the keys are left to simjax on the workers. A missing file, or a checked key that names no
+field, exits 2 before any gcloud call.
 
 Example:
   python3 launch/tpu_pod.py up --project=my-proj --zone=us-west4-a --name=sim-v5e \\
       --accelerator-type=v5litepod-64 --queued --spot \\
       --repo=https://github.com/ORG/simjax --ref=main \\
-      --config=configs/cifar10_sim.py --workdir=gs://my-bucket/sim/cifar10 \\
-      --config.training.batch_size=512 --dry-run
+      --config=configs/cifar10.py:gs://my-bucket/edm-cifar10-32x32-uncond-vp.pkl \\
+      --workdir=gs://my-bucket/sim/cifar10 --config.batch_size=512 --config.num_steps=200000 --dry-run
 
 gcloud syntax follows the Cloud SDK reference for `compute tpus tpu-vm` and
 `compute tpus queued-resources` (checked against Cloud SDK 528).
@@ -39,11 +47,13 @@ import time
 from pathlib import Path
 
 from launch_common import (CommandRunner, LaunchFailed, OneLineArgumentParser, UsageError,
-                           parse_env_assignments, run_main, simjax_command,
-                           split_config_overrides, validate_config_path, validate_mode,
-                           validate_workdir)
+                           check_config, override_keys, parse_env_assignments, run_main,
+                           simjax_command, split_config_overrides, validate_config_path,
+                           validate_mode, validate_workdir)
 
 PROG = "tpu_pod.py"
+# The checkout holding this script: --config must name one of its files.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Default TPU software (runtime) version for JAX per generation, from the Cloud TPU
 # "TPU software versions" page (PyTorch and JAX table).
@@ -108,7 +118,7 @@ def install_commands(args) -> list[list[str]]:
     """Copy (for --tarball) and install on all workers; the checkout lands in ~/REMOTE_DIR.
 
     simjax is installed editable from a full source tree (not `pip install git+URL`) because
-    `--config=configs/X.py` names a file of the checkout, which a wheel would not contain.
+    `--config=configs/NAME.py` names a file of the checkout, which a wheel would not contain.
     """
     python, tree = shlex.quote(args.python), args.remote_dir
     steps = [f"{python} -m pip install --upgrade {shlex.quote(args.jax_requirement)}",
@@ -214,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="log ~/RUN_NAME.log and pid ~/RUN_NAME.pid on each worker (default simjax)")
 
     run = parent()
-    run.add_argument("--config", help="config file, relative to the simjax tree: configs/NAME.py[:ARG]")
+    run.add_argument("--config", help="config file of the simjax tree: configs/NAME.py[:ARG], e.g. configs/gmm2d.py "
+                                      "or configs/cifar10.py:gs://BUCKET/TEACHER.pkl; it must exist in this checkout")
     run.add_argument("--workdir", help="gs://BUCKET/PATH (needed on a multi-host slice) or an absolute path")
     run.add_argument("--mode", default="train", help="simjax --mode (default train)")
     run.add_argument("--env", action="append", metavar="NAME=VALUE",
@@ -225,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog=PROG, allow_abbrev=False, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="simjax --config.KEY=VALUE overrides and `-- EXTRA_FLAGS` are forwarded by run/up.")
+        epilog="run/up forward simjax --config.KEY=VALUE overrides (KEY a field of the --config file, "
+               "e.g. --config.batch_size=512) and the tokens after `--` to simjax.main "
+               "(e.g. -- --overwrite).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineArgumentParser)
     commands.required = True
 
@@ -300,6 +313,9 @@ def validate(args) -> None:
             raise UsageError(f"--worker={args.worker!r} must be a worker number or all")
         if args.lines < 0:
             raise UsageError("--lines must not be negative")
+    if command in ("run", "up"):
+        # Last: it may import the config file (and with it jax).
+        args.config_note = check_config(args.config, override_keys(args.overrides, args.passthrough), REPO_ROOT)
 
 
 def _validate_accelerator(args) -> None:
@@ -406,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides, args.passthrough = overrides, passthrough
         validate(args)
         runner = CommandRunner(dry_run=args.dry_run)
+        if getattr(args, "config_note", None):
+            runner.note(args.config_note)
         if args.command == "create":
             create(runner, args)
         elif args.command == "wait":

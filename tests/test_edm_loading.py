@@ -26,8 +26,9 @@ from simjax.networks.precond import build_precond
 from simjax.teachers.edm import Teacher, convert_state_dict, load_teacher, save_converted
 from simjax.torch_files import UnsafePickleError, load_edm_pickle, load_state_dict
 
+from conftest import FIXTURES  # tests/fixtures, in the repository
+
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 FIXTURE_NAMES = ["edm_ddpmpp_tiny_uncond", "edm_ddpmpp_tiny_cond", "edm_ncsnpp_tiny_uncond"]
 _BUFFERS = ("resample_filter", "freqs")
 HIGHEST = jax.lax.Precision.HIGHEST  # parity within 1e-4 also on GPUs, whose float32 default is TF32
@@ -35,8 +36,7 @@ HIGHEST = jax.lax.Precision.HIGHEST  # parity within 1e-4 also on GPUs, whose fl
 
 def _fixture(name):
   path = FIXTURES / f"{name}.npz"
-  if not path.is_file():
-    pytest.skip(f"EDM reference fixture {path} is absent (shared fixtures not checked out)")
+  assert path.is_file(), f"EDM reference fixture {path} is missing: it is part of the repository (tests/fixtures)"
   with np.load(path) as data:
     config = json.loads(str(data["config_json"]))
     state = {k[len("state/"):]: data[k] for k in data.files if k.startswith("state/")}

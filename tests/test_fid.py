@@ -1,7 +1,7 @@
 """FID: the Flax Inception port against pytorch-fid's features, and the Frechet distance maths.
 
-No torch needed: the parity fixture's weights are rebuilt from the shared integer hash
-(../shared/fixtures/hashed_weights.py), and pool3 is compared with what pytorch-fid's own network
+No torch needed: the parity fixture's weights are rebuilt from an integer hash
+(tests/fixtures/hashed_weights.py), and pool3 is compared with what pytorch-fid's own network
 produced for the same weights and images.
 """
 import importlib.util
@@ -21,7 +21,8 @@ from simjax.errors import UserError
 from simjax.eval import fid
 from simjax.eval import inception
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from conftest import FIXTURES  # tests/fixtures, in the repository
+
 INCEPTION_FIXTURE = FIXTURES / "fid_inception_pool3.npz"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +36,6 @@ def _load_hashed_weights_module():
 
 @pytest.fixture(scope="module")
 def inception_fixture():
-  if not INCEPTION_FIXTURE.exists() or not (FIXTURES / "hashed_weights.py").exists():
-    pytest.skip(f"FID Inception fixture not found under {FIXTURES}")
   hashed_weights = _load_hashed_weights_module()
   data = np.load(INCEPTION_FIXTURE)
   state = {}

@@ -1,7 +1,9 @@
 """Tests of the launch scripts (launch/tpu_pod.py, launch/slurm_gpu.py), run as subprocesses.
 
 No cloud and no cluster: fake `gcloud`, `sbatch`, `srun` and `python3` executables on PATH
-record how they were called. A dry run must print the exact commands and call nothing; a real
+record how they were called. The launchers run from a stand-in checkout (their own files plus
+light stand-in configs that load in milliseconds); the real checkout's configs are loaded only by
+the tests of the help texts' examples. A dry run must print the exact commands and call nothing; a real
 run must call the fakes with exactly what the dry run printed. The remote shell snippets
 (install, background run, stop) and the batch script are also executed locally with fakes, so
 their quoting and plumbing are checked, not just their text.
@@ -9,9 +11,12 @@ their quoting and plumbing are checked, not just their text.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,8 +26,27 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TPU_POD = REPO_ROOT / "launch" / "tpu_pod.py"
-SLURM_GPU = REPO_ROOT / "launch" / "slurm_gpu.py"
+LAUNCHERS = ("tpu_pod.py", "slurm_gpu.py", "launch_common.py")
+TPU_POD, SLURM_GPU = "tpu_pod.py", "slurm_gpu.py"  # run from the stand-in checkout, see `launch`
+
+# Stand-ins for configs/cifar10.py and configs/gmm2d.py with the keys the tests use; they import
+# only ml_collections, so a launcher checks keys against them without importing jax.
+_STAND_IN_CONFIG = '''"""Stand-in for {name} in the launcher tests."""
+import ml_collections
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.teacher = ml_collections.ConfigDict({{"checkpoint": arg or ""}})
+  c.batch_size = 256
+  c.num_steps = 1000
+  c.note = ""
+  c.sample = ml_collections.ConfigDict({{"name": "samples"}})
+  return c
+'''
+_BROKEN_CONFIG = '''def get_config(arg=None):
+  raise ValueError("needs a teacher checkpoint")
+'''
 
 # Records [tool name, *argv] as one JSON line per call. gcloud answers `describe` with the next
 # state of FAKE_QUEUED_STATES; any tool exits 7 when its joined argv contains FAKE_FAIL_ON.
@@ -48,16 +72,16 @@ if fail_on and fail_on in " ".join(sys.argv[1:]):
 
 PROJECT_ZONE_NAME = ["--project=my-proj", "--zone=us-central2-b", "--name=sim-pod"]
 GCLOUD_TARGET = "sim-pod --project=my-proj --zone=us-central2-b"
-RUN_ARGS = ["--config=configs/cifar10_sim.py", "--workdir=gs://my-bucket/runs/c10",
-            "--config.training.batch_size=512"]
+RUN_ARGS = ["--config=configs/cifar10.py", "--workdir=gs://my-bucket/runs/c10",
+            "--config.batch_size=512"]
 REPO_ARGS = ["--repo=https://github.com/example/simjax", "--ref=v0.1.0"]
 
 INSTALL_FROM_GIT = (
     "python3 -m pip install --upgrade 'jax[tpu]>=0.10.2,<0.11' && rm -rf simjax && "
     "git clone --quiet https://github.com/example/simjax simjax && "
     "git -C simjax checkout --quiet v0.1.0 && python3 -m pip install -e ./simjax")
-SIMJAX_MAIN = ("python3 -m simjax.main --config=configs/cifar10_sim.py "
-               "--workdir=gs://my-bucket/runs/c10 --mode=train --config.training.batch_size=512")
+SIMJAX_MAIN = ("python3 -m simjax.main --config=configs/cifar10.py "
+               "--workdir=gs://my-bucket/runs/c10 --mode=train --config.batch_size=512")
 RUN_IN_BACKGROUND = (
     f"cd simjax || exit 1; SIMJAX_DISTRIBUTED=1 nohup {SIMJAX_MAIN} "
     '> "$HOME/simjax.log" 2>&1 < /dev/null & echo $! > "$HOME/simjax.pid"; '
@@ -72,8 +96,22 @@ def ssh_line(worker: str, remote_command: str) -> str:
                        "--zone=us-central2-b", f"--worker={worker}", f"--command={remote_command}"])
 
 
+@pytest.fixture(scope="session")
+def stand_in_checkout(tmp_path_factory) -> Path:
+    """launch/ copied from this checkout, beside stand-in configs (and one that fails to load)."""
+    root = tmp_path_factory.mktemp("checkout") / "simjax"
+    (root / "launch").mkdir(parents=True)
+    (root / "configs").mkdir()
+    for name in LAUNCHERS:
+        shutil.copy(REPO_ROOT / "launch" / name, root / "launch" / name)
+    for name in ("cifar10.py", "gmm2d.py"):
+        (root / "configs" / name).write_text(_STAND_IN_CONFIG.format(name=f"configs/{name}"))
+    (root / "configs" / "broken.py").write_text(_BROKEN_CONFIG)
+    return root
+
+
 @pytest.fixture
-def fakes(tmp_path):
+def fakes(tmp_path, stand_in_checkout):
     """A bin/ of fake tools first on PATH; `fakes.log` exists only once one of them ran."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -87,6 +125,7 @@ def fakes(tmp_path):
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                "FAKE_TOOL_LOG": str(tmp_path / "calls" / "tool_calls.jsonl")}
         cwd = tmp_path / "cwd"
+        checkout = stand_in_checkout
 
         def calls(self) -> list[list[str]]:
             return [json.loads(line) for line in self.log.read_text().splitlines()]
@@ -96,12 +135,14 @@ def fakes(tmp_path):
     return Fakes()
 
 
-def launch(script: Path, args, fakes, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                          cwd=fakes.cwd, env={**fakes.env, **env}, timeout=60)
+def launch(script: str, args, fakes, python=(sys.executable,), checkout=None, **env) -> subprocess.CompletedProcess:
+    """Runs launch/<script> of the stand-in checkout (or of `checkout`) with args."""
+    path = (checkout or fakes.checkout) / "launch" / script
+    return subprocess.run([*python, str(path), *args], capture_output=True, text=True,
+                          cwd=fakes.cwd, env={**fakes.env, **env}, timeout=120)
 
 
-def dry_run_lines(script: Path, args, fakes) -> list[str]:
+def dry_run_lines(script: str, args, fakes) -> list[str]:
     # --dry-run goes before any `--` (after the subcommand for tpu_pod.py).
     args = [args[0], "--dry-run", *args[1:]] if script == TPU_POD else ["--dry-run", *args]
     result = launch(script, args, fakes)
@@ -163,14 +204,14 @@ def test_tpu_single_step_dry_runs(fakes, args, expected):
 
 
 def test_tpu_run_forwards_env_overrides_and_extra_flags_quoted(fakes):
-    lines = dry_run_lines(TPU_POD, ["run", *PROJECT_ZONE_NAME, "--config=configs/gmm.py:8",
+    lines = dry_run_lines(TPU_POD, ["run", *PROJECT_ZONE_NAME, "--config=configs/gmm2d.py:8",
                                     "--workdir=gs://my-bucket/gmm", "--mode=eval",
                                     "--env", "XLA_FLAGS=--xla_dump_to=/tmp/a b",
                                     "--config.sample.name=it's here", "--", "--distributed"], fakes)
     assert len(lines) == 1
     assert remote_command(lines[0]) == (
         "cd simjax || exit 1; SIMJAX_DISTRIBUTED=1 XLA_FLAGS='--xla_dump_to=/tmp/a b' nohup "
-        "python3 -m simjax.main --config=configs/gmm.py:8 --workdir=gs://my-bucket/gmm --mode=eval "
+        "python3 -m simjax.main --config=configs/gmm2d.py:8 --workdir=gs://my-bucket/gmm --mode=eval "
         "'--config.sample.name=it'\"'\"'s here' --distributed "
         '> "$HOME/simjax.log" 2>&1 < /dev/null & echo $! > "$HOME/simjax.pid"; '
         'echo "$(hostname): simjax started, log in $HOME/simjax.log"')
@@ -301,8 +342,8 @@ def test_tpu_remote_background_run_survives_and_stop_ends_it(fakes, tmp_path):
             time.sleep(0.05)
         assert "hello from process 0" in (home / "simjax.log").read_text()
         assert record.read_text().splitlines() == [
-            "SIMJAX_DISTRIBUTED=1", "-m", "simjax.main", "--config=configs/cifar10_sim.py",
-            "--workdir=gs://my-bucket/runs/c10", "--mode=train", "--config.training.batch_size=512",
+            "SIMJAX_DISTRIBUTED=1", "-m", "simjax.main", "--config=configs/cifar10.py",
+            "--workdir=gs://my-bucket/runs/c10", "--mode=train", "--config.batch_size=512",
             "--config.note=a b"]
         os.kill(pid, 0)  # still running after the "ssh session" ended
 
@@ -336,18 +377,18 @@ def test_tpu_remote_background_run_survives_and_stop_ends_it(fakes, tmp_path):
     (["create", "--project=p", "--zone=us-central2-b", "--name=t", "--accelerator-type=tpu64"],
      "unknown accelerator type 'tpu64'"),
     (["create", "--project=p", "--zone=us-central2-b", "--name=t"], "missing --accelerator-type"),
-    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/x.py",
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/gmm2d.py",
       "--workdir=runs/x"], "workdir 'runs/x' is relative"),
-    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/x.py",
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/gmm2d.py",
       "--workdir=gs://"], "is not a valid gs:// path"),
-    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/x.py"], "missing --workdir"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/gmm2d.py"], "missing --workdir"),
     (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--workdir=/w"], "missing --config"),
-    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/x.py", "--workdir=/w",
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/gmm2d.py", "--workdir=/w",
       "--config.lr"], "has no value"),
-    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/x.py", "--workdir=/w",
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/gmm2d.py", "--workdir=/w",
       "--env=1BAD"], "is not NAME=VALUE"),
     (["up", "--project=p", "--zone=us-central2-b", "--name=t", "--accelerator-type=v4-8",
-      "--repo=https://x/y", "--config=configs/x.py", "--workdir=/w", "--delete-after"],
+      "--repo=https://x/y", "--config=configs/gmm2d.py", "--workdir=/w", "--delete-after"],
      "--delete-after needs --foreground"),
     (["install", "--project=p", "--zone=us-central2-b", "--name=t"], "pass exactly one install source"),
     (["install", "--project=p", "--zone=us-central2-b", "--name=t", "--repo=github.com/x"],
@@ -357,8 +398,33 @@ def test_tpu_remote_background_run_survives_and_stop_ends_it(fakes, tmp_path):
     (["logs", "--project=p", "--zone=us-central2-b", "--name=t", "--config.a=1"], "only apply to run and up"),
     (["create", "--project=p", "--zone=us-central2-b", "--name=t", "--bogus"], "unrecognized arguments: --bogus"),
     ([], "required: COMMAND"),
-    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/x.py", "--workdir=/w",
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/gmm2d.py", "--workdir=/w",
       "--", "--dry-run"], "--dry-run after `--` would go to simjax"),
+    # The config path and keys, against the checkout (here the stand-in's configs).
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10_sim.py", "--workdir=/w"],
+     "config file 'configs/cifar10_sim.py' does not exist in the simjax tree "),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10_sim.py", "--workdir=/w"],
+     "pass one of configs/broken.py, configs/cifar10.py, configs/gmm2d.py"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10.py", "--workdir=/w", "--config.training.batch_size=512"],
+     "unknown config key --config.training.batch_size: configs/cifar10.py has no field 'training'"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10.py", "--workdir=/w", "--config.batch_sise=512"],
+     "has no field 'batch_sise' (did you mean 'batch_size'?)"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10.py", "--workdir=/w", "--config.sample.nmae=x"],
+     "has no field 'sample.nmae' (did you mean 'sample.name'?)"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10.py", "--workdir=/w", "--config.batch_size.x=1"],
+     "has no field 'batch_size.x' ('batch_size' is a value, not a section)"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10.py:/t.pkl", "--workdir=/w", "--config.batch_size=8", "--",
+      "--config.nope=1"], "unknown config key --config.nope"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10.py", "--workdir=/w", "--", "--config.nope"], "has no value"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10.py", "--workdir=/w", "--", "--workdir=/other"],
+     "--workdir after `--` would contradict the launcher's own --workdir"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/cifar10.py", "--workdir=/w", "--", "--config=configs/gmm2d.py"],
+     "--config after `--` would contradict"),
+    (["run", "--project=p", "--zone=us-central2-b", "--name=t", "--config=configs/broken.py", "--workdir=/w", "--config.batch_size=1"],
+     "config broken.py fails to load (ValueError: needs a teacher checkpoint)"),
+    (["up", "--project=p", "--zone=us-central2-b", "--name=t", "--accelerator-type=v4-8", *REPO_ARGS,
+      "--config=configs/gmm2d.py", "--workdir=gs://my-bucket/x", "--config.num_step=1"],
+     "unknown config key --config.num_step"),
 ])
 def test_tpu_bad_arguments_exit_2_with_one_line(fakes, args, message):
     result = launch(TPU_POD, args, fakes)
@@ -371,10 +437,12 @@ def test_tpu_bad_arguments_exit_2_with_one_line(fakes, args, message):
 
 # --------------------------------------------------------------------------- SLURM
 
-SLURM_ARGS = ["--nodes=2", "--gpus-per-node=8", "--partition=gpu", "--time=24:00:00",
-              "--account=my-acct", "--repo-dir=/shared/simjax", "--script=c10.sbatch",
-              "--config=configs/cifar10_sim.py", "--workdir=/shared/runs/c10",
-              "--config.training.batch_size=512"]
+def slurm_args(fakes) -> list[str]:
+    return ["--nodes=2", "--gpus-per-node=8", "--partition=gpu", "--time=24:00:00",
+            "--account=my-acct", f"--repo-dir={fakes.checkout}", "--script=c10.sbatch",
+            "--config=configs/cifar10.py", "--workdir=/shared/runs/c10", "--config.batch_size=512"]
+
+
 EXPECTED_SCRIPT = """#!/bin/bash
 #SBATCH --job-name=simjax
 #SBATCH --nodes=2
@@ -383,22 +451,22 @@ EXPECTED_SCRIPT = """#!/bin/bash
 #SBATCH --partition=gpu
 #SBATCH --time=24:00:00
 #SBATCH --account=my-acct
-#SBATCH --chdir=/shared/simjax
+#SBATCH --chdir={repo_dir}
 #SBATCH --output=slurm-%x-%j.out
 
 # simjax: 2 node(s) x 8 GPU(s) = 16 processes, one per GPU.
 set -eo pipefail
 export SIMJAX_DISTRIBUTED=1
-srun --gpu-bind=none --kill-on-bad-exit=1 python3 -m simjax.main --config=configs/cifar10_sim.py \
---workdir=/shared/runs/c10 --mode=train --config.training.batch_size=512
+srun --gpu-bind=none --kill-on-bad-exit=1 python3 -m simjax.main --config=configs/cifar10.py \
+--workdir=/shared/runs/c10 --mode=train --config.batch_size=512
 """
 
 
 def test_slurm_dry_run_prints_the_batch_script_and_the_sbatch_command(fakes):
-    lines = dry_run_lines(SLURM_GPU, SLURM_ARGS, fakes)
+    lines = dry_run_lines(SLURM_GPU, slurm_args(fakes), fakes)
     assert lines[0] == "cat > c10.sbatch <<'SIMJAX_SBATCH_EOF'"
     assert lines[-2:] == ["SIMJAX_SBATCH_EOF", "sbatch c10.sbatch"]
-    assert "\n".join(lines[1:-2]) + "\n" == EXPECTED_SCRIPT
+    assert "\n".join(lines[1:-2]) + "\n" == EXPECTED_SCRIPT.format(repo_dir=fakes.checkout)
     assert list(fakes.cwd.iterdir()) == []  # no script written either
 
 
@@ -413,11 +481,12 @@ def test_slurm_script_runs_one_process_per_gpu():
 
 
 def test_slurm_real_submit_matches_the_dry_run_snippet(fakes, tmp_path):
-    snippet = launch(SLURM_GPU, [*SLURM_ARGS, "--dry-run"], fakes).stdout
-    result = launch(SLURM_GPU, SLURM_ARGS, fakes)
+    expected = EXPECTED_SCRIPT.format(repo_dir=fakes.checkout)
+    snippet = launch(SLURM_GPU, [*slurm_args(fakes), "--dry-run"], fakes).stdout
+    result = launch(SLURM_GPU, slurm_args(fakes), fakes)
     assert result.returncode == 0, result.stderr
     assert "Submitted batch job 4242" in result.stdout
-    assert (fakes.cwd / "c10.sbatch").read_text() == EXPECTED_SCRIPT
+    assert (fakes.cwd / "c10.sbatch").read_text() == expected
     assert fakes.calls() == [["sbatch", "c10.sbatch"]]
 
     # Pasting the dry-run output into a shell does the same thing.
@@ -427,7 +496,7 @@ def test_slurm_real_submit_matches_the_dry_run_snippet(fakes, tmp_path):
     pasted = subprocess.run(["bash", "-c", snippet], cwd=other_cwd, env=fakes.env, capture_output=True,
                             text=True, timeout=30)
     assert pasted.returncode == 0, pasted.stderr
-    assert (other_cwd / "c10.sbatch").read_text() == EXPECTED_SCRIPT
+    assert (other_cwd / "c10.sbatch").read_text() == expected
     assert fakes.calls() == [["sbatch", "c10.sbatch"]]
 
 
@@ -437,7 +506,7 @@ def test_slurm_batch_script_activates_venv_and_sruns_simjax(fakes, tmp_path):
     (venv / "bin" / "activate").write_text("export FAKE_VENV_ACTIVE=yes\n")
     result = launch(SLURM_GPU, ["--nodes=1", "--gpus-per-node=4", f"--venv={venv}",
                                 "--setup=export FAKE_MODULE=cuda", "--env", "XLA_FLAGS=--a --b",
-                                "--repo-dir=/shared/simjax", "--config=configs/gmm.py",
+                                f"--repo-dir={fakes.checkout}", "--config=configs/gmm2d.py",
                                 "--workdir=/shared/runs/gmm", "--config.sample.name=a b", "--",
                                 "--distributed"], fakes)
     assert result.returncode == 0, result.stderr
@@ -455,7 +524,7 @@ def test_slurm_batch_script_activates_venv_and_sruns_simjax(fakes, tmp_path):
                          text=True, timeout=30)
     assert ran.returncode == 0, ran.stderr
     assert fakes.calls() == [["srun", "--gpu-bind=none", "--kill-on-bad-exit=1", "python3", "-m",
-                              "simjax.main", "--config=configs/gmm.py", "--workdir=/shared/runs/gmm",
+                              "simjax.main", "--config=configs/gmm2d.py", "--workdir=/shared/runs/gmm",
                               "--mode=train", "--config.sample.name=a b", "--distributed"]]
     assert json.loads(fakes.log.with_name("srun_env").read_text()) == {
         "SIMJAX_DISTRIBUTED": "1", "FAKE_VENV_ACTIVE": "yes", "FAKE_MODULE": "cuda",
@@ -465,19 +534,19 @@ def test_slurm_batch_script_activates_venv_and_sruns_simjax(fakes, tmp_path):
 def test_slurm_container_and_gres_variant(fakes):
     lines = dry_run_lines(SLURM_GPU, ["--nodes=4", "--gpus-per-node=4", "--gres", "--cpus-per-task=8",
                                       "--sbatch-option=--qos=high", "--container-image=nvcr.io/nvidia/jax:25.04-py3",
-                                      "--container-mounts=/data:/data", "--repo-dir=/shared/simjax",
-                                      "--config=configs/x.py", "--workdir=gs://bucket/x"], fakes)
+                                      "--container-mounts=/data:/data", f"--repo-dir={fakes.checkout}",
+                                      "--config=configs/gmm2d.py", "--workdir=gs://bucket/x"], fakes)
     script = "\n".join(lines)
     for directive in ("--nodes=4", "--ntasks-per-node=4", "--gres=gpu:4", "--cpus-per-task=8", "--qos=high"):
         assert f"#SBATCH {directive}\n" in script
     assert "--gpus-per-node" not in script
     assert ("srun --gpu-bind=none --kill-on-bad-exit=1 --container-image=nvcr.io/nvidia/jax:25.04-py3 "
-            "--container-mounts=/shared/simjax:/shared/simjax,/data:/data --container-workdir=/shared/simjax "
-            "python3 -m simjax.main --config=configs/x.py --workdir=gs://bucket/x --mode=train") in lines
+            f"--container-mounts={fakes.checkout}:{fakes.checkout},/data:/data --container-workdir={fakes.checkout} "
+            "python3 -m simjax.main --config=configs/gmm2d.py --workdir=gs://bucket/x --mode=train") in lines
 
 
 def test_slurm_sbatch_failure_is_reported(fakes):
-    result = launch(SLURM_GPU, SLURM_ARGS, fakes, FAKE_FAIL_ON="c10.sbatch")
+    result = launch(SLURM_GPU, slurm_args(fakes), fakes, FAKE_FAIL_ON="c10.sbatch")
     assert result.returncode == 7
     assert result.stderr.strip().splitlines()[-1] == (
         "slurm_gpu.py: error: command failed with exit status 7: sbatch c10.sbatch")
@@ -491,12 +560,16 @@ def test_slurm_sbatch_failure_is_reported(fakes):
     ({"--workdir": "runs/c10"}, "workdir 'runs/c10' is relative"),
     ({"--config": "configs/x.yaml"}, "is not a .py file"),
     ({"--repo-dir": "simjax"}, "must be an absolute path"),
+    ({"--repo-dir": "/no/such/checkout"}, "--repo-dir='/no/such/checkout' does not exist here"),
+    ({"--config": "configs/cifar10_sim.py"}, "config file 'configs/cifar10_sim.py' does not exist in the simjax tree"),
+    ({"--config.batch_size": None, "--config.training.batch_size": "512"},
+     "unknown config key --config.training.batch_size: configs/cifar10.py has no field 'training'"),
     ({"--partition": "gpu;rm"}, "is not a SLURM name"),
     ({"--container-image": "img", "--venv": "/v"}, "exclude each other"),
     ({"--bogus": "1"}, "unrecognized arguments: --bogus=1"),
 ])
 def test_slurm_bad_arguments_exit_2_with_one_line(fakes, change, message):
-    args = dict(arg.split("=", 1) for arg in SLURM_ARGS)
+    args = dict(arg.split("=", 1) for arg in slurm_args(fakes))
     args.update(change)
     argv = [f"{flag}={value}" for flag, value in args.items() if value is not None]
     result = launch(SLURM_GPU, argv, fakes)
@@ -505,3 +578,74 @@ def test_slurm_bad_arguments_exit_2_with_one_line(fakes, change, message):
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("slurm_gpu.py: error: ") and message in result.stderr, result.stderr
     assert not fakes.log.exists() and list(fakes.cwd.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- config path and keys
+
+@pytest.mark.parametrize("script, flags", [
+    (TPU_POD, ["run", "--dry-run", *PROJECT_ZONE_NAME, "--workdir=gs://my-bucket/x"]),
+    (SLURM_GPU, ["--dry-run", "--nodes=1", "--gpus-per-node=8", "--workdir=/shared/runs/x"]),
+])
+@pytest.mark.parametrize("config_args, message", [
+    (["--config=configs/cifar10_sim.py"], "config file 'configs/cifar10_sim.py' does not exist"),
+    (["--config=configs/cifar10.py", "--config.training.batch_size=512"],
+     "unknown config key --config.training.batch_size"),
+    (["--config=configs/gmm2d.py", "--", "--config.num_stepz=5"],
+     "has no field 'num_stepz' (did you mean 'num_steps'?)"),
+])
+def test_dry_runs_refuse_a_missing_config_file_or_key(fakes, script, flags, config_args, message):
+    result = launch(script, [*flags, *config_args], fakes)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not fakes.log.exists() and list(fakes.cwd.iterdir()) == []
+
+
+def test_without_ml_collections_paths_are_checked_and_keys_left_to_simjax(fakes):
+    """`python -S` has no site-packages, hence no ml_collections: the launchers' bare-Python case."""
+    bare = (sys.executable, "-S")
+    probe = subprocess.run([*bare, "-c", "import ml_collections"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("ml_collections is importable without site-packages here; cannot test its absence")
+    flags = ["run", *PROJECT_ZONE_NAME, "--dry-run", "--workdir=gs://my-bucket/x"]
+    missing = launch(TPU_POD, [*flags, "--config=configs/cifar10_sim.py"], fakes, python=bare)
+    assert missing.returncode == 2
+    assert "config file 'configs/cifar10_sim.py' does not exist" in missing.stderr
+
+    unchecked = launch(TPU_POD, [*flags, "--config=configs/cifar10.py", "--config.training.batch_size=1"],
+                       fakes, python=bare)
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert "--config.training.batch_size=1" in unchecked.stdout  # forwarded; simjax will refuse it
+    assert unchecked.stderr.startswith("# config keys not checked: ml_collections is not importable")
+    assert not fakes.log.exists()
+
+
+def _docstring_example(script: Path) -> list[str]:
+    """The launcher arguments of the `Example:` in a launcher's docstring (its --help text)."""
+    doc = ast.get_docstring(ast.parse(script.read_text()))
+    block = doc.split("Example:\n", 1)[1].split("\n\n", 1)[0]
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == ["python3", f"launch/{script.name}"], argv
+    return argv[2:]
+
+
+@pytest.mark.parametrize("script", [TPU_POD, SLURM_GPU])
+def test_help_example_names_a_config_and_keys_of_the_real_checkout(fakes, script):
+    """The --help example, run as written (it is a dry run) from this checkout: nothing refused,
+    the keys checked against the real config file (loaded with its simjax imports)."""
+    example = _docstring_example(REPO_ROOT / "launch" / script)
+    assert "--dry-run" in example and any(arg.startswith("--config.") for arg in example)
+    result = launch(script, example, fakes, checkout=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "not checked" not in result.stderr, result.stderr
+    assert not fakes.log.exists()
+
+
+def test_launcher_texts_name_only_configs_that_exist():
+    """Every configs/<name>.py the launchers' help and messages name is a file of this checkout."""
+    named = set()
+    for name in LAUNCHERS:
+        named |= set(re.findall(r"configs/(\w+)\.py", (REPO_ROOT / "launch" / name).read_text()))
+    named.discard("NAME")  # the placeholder of configs/NAME.py
+    assert {"cifar10", "gmm2d"} <= named
+    assert [n for n in sorted(named) if not (REPO_ROOT / "configs" / f"{n}.py").is_file()] == []

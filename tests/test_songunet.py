@@ -1,6 +1,5 @@
 """SongUNet / preconditioners: parity with EDM's reference outputs, parameter counts, formulas."""
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +13,14 @@ from simjax.networks.songunet import SongUNet
 from simjax.teachers.edm import convert_state_dict
 from simjax.torch_files import load_state_dict
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+from conftest import FIXTURES  # tests/fixtures, in the repository
+
 FIXTURE_NAMES = ["edm_ddpmpp_tiny_uncond", "edm_ddpmpp_tiny_cond", "edm_ncsnpp_tiny_uncond"]
 
 
 def _fixture(name):
   path = FIXTURES / f"{name}.npz"
-  if not path.is_file():
-    pytest.skip(f"EDM reference fixture {path} is absent (shared fixtures not checked out)")
+  assert path.is_file(), f"EDM reference fixture {path} is missing: it is part of the repository (tests/fixtures)"
   return path
 
 
