@@ -37,6 +37,7 @@ result depends only on its own key and pixels (vmappable, batch- and sharding-in
   all zero that resampling is the identity up to float rounding (the wavelet filter is orthonormal).
   Here such images pass through bit-exactly.
 """
+import functools
 import math
 from typing import NamedTuple
 
@@ -103,20 +104,20 @@ def augment_label_dim(**settings) -> int:
 def draw_params(key, p=EDM_CIFAR10_P, **settings) -> AugmentParams:
   """One image's random parameters, per EDM's distributions (see the module docstring)."""
   cfg = _settings(settings)
-  k = jax.random.split(key, 14)
-  uniform = lambda i, shape=(): jax.random.uniform(k[i], shape, jnp.float32)
-  applied = lambda i, name: uniform(i) < cfg[name] * p  # a multiplier of 0 never applies
+  key_uniform, key_normal = jax.random.split(key)
+  u = jax.random.uniform(key_uniform, (11,), jnp.float32)  # one draw per coin and angle below
+  g = jax.random.normal(key_normal, (4,), jnp.float32)     # scale w, aniso w, translation (wx, wy)
+  applied = lambda i, name: u[i] < cfg[name] * p           # a multiplier of 0 never applies
   zero = jnp.zeros((), jnp.float32)
 
-  xflip = jnp.where(applied(0, "xflip") & (uniform(1) < 0.5), 1.0, zero)
-  yflip = jnp.where(applied(2, "yflip") & (uniform(3) < 0.5), 1.0, zero)
-  scale = jnp.where(applied(4, "scale"), jax.random.normal(k[5], (), jnp.float32), zero)
-  rotate = jnp.where(applied(6, "rotate_frac"), (uniform(7) * 2 - 1) * (math.pi * cfg["rotate_frac_max"]), zero)
-  aniso = jnp.where(applied(8, "aniso"), jax.random.normal(k[9], (), jnp.float32), zero)
+  xflip = jnp.where(applied(0, "xflip") & (u[1] < 0.5), 1.0, zero)
+  yflip = jnp.where(applied(2, "yflip") & (u[3] < 0.5), 1.0, zero)
+  scale = jnp.where(applied(4, "scale"), g[0], zero)
+  rotate = jnp.where(applied(5, "rotate_frac"), (u[6] * 2 - 1) * (math.pi * cfg["rotate_frac_max"]), zero)
+  aniso = jnp.where(applied(7, "aniso"), g[1], zero)
   # EDM draws the direction independently of whether the scaling applies (harmless: w = 0 -> identity).
-  aniso_angle = jnp.where(uniform(10) < cfg["aniso_rotate_prob"], (uniform(11) * 2 - 1) * math.pi, zero)
-  aniso_angle = jnp.where(cfg["aniso"] > 0, aniso_angle, zero)
-  translate = jnp.where(applied(12, "translate_frac"), jax.random.normal(k[13], (2,), jnp.float32), 0.0)
+  aniso_angle = jnp.where((u[8] < cfg["aniso_rotate_prob"]) & (cfg["aniso"] > 0), (u[9] * 2 - 1) * math.pi, zero)
+  translate = jnp.where(applied(10, "translate_frac"), g[2:], 0.0)
   return AugmentParams(xflip, yflip, scale, rotate, aniso, aniso_angle, translate)
 
 
@@ -227,6 +228,12 @@ def augment(key, images, p=EDM_CIFAR10_P, **settings):
     raise UserError(f"augment expects NHWC images [N, H, W, C], got shape {getattr(images, 'shape', None)}; "
                     "add the batch axis.")
   cfg = _settings(settings)
+  return _augment_batch(key, images, jnp.asarray(p, jnp.float32), tuple(sorted(cfg.items())))
+
+
+@functools.partial(jax.jit, static_argnums=3)  # one compiled program per shape and settings, also when eager
+def _augment_batch(key, images, p, cfg_items):
+  cfg = dict(cfg_items)
   keys = jax.random.split(key, images.shape[0])
   params = jax.vmap(lambda k: draw_params(k, p, **cfg))(keys)
   out = jax.vmap(lambda x, prm: apply_params(x, prm, **cfg))(images, params)
