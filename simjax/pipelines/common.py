@@ -75,6 +75,9 @@ def validate_common(config, data_dim: int = 1):
     _positive(config, "fake_p_std")
   if "fake_p_mean" in config and not math.isfinite(float(config.fake_p_mean)):
     raise ValueError(f"fake_p_mean must be finite, got {config.fake_p_mean}; set --config.fake_p_mean (EDM: -1.2).")
+  if not 0.0 <= float(config.get("fake_augment_p", 0.0)) <= 1.0:
+    raise ValueError(f"fake_augment_p must lie in [0, 1], got {config.fake_augment_p}; set --config.fake_augment_p "
+                     "(EDM/SiD: 0.12).")
   validate_ema(config)
   validate_eval(config)
   for name in ("generator", "fake"):

@@ -71,6 +71,8 @@ def base_config():
 
   c.fake_p_mean = -1.2
   c.fake_p_std = 1.2
+  c.fake_augment_p = 0.12            # EDM's augmentation pipe on the fake score's DSM (SiD --augment 0.12);
+                                      # used where the network has augment_dim (EDM's CIFAR-10 nets: 9)
   c.fake_steps_per_iteration = 1
   c.fake_warmup_steps = 0
 

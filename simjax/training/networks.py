@@ -16,12 +16,18 @@ class Denoiser:
   """
   module: nn.Module
 
-  def apply(self, params, extra, x, sigma, class_labels=None, *, train=False, rng=None):
+  def apply(self, params, extra, x, sigma, class_labels=None, *, augment_labels=None, train=False, rng=None):
     variables = dict(extra or {})
     if params is not None:
       variables["params"] = params
     rngs = {"dropout": rng} if (train and rng is not None) else None
-    return self.module.apply(variables, x, sigma, class_labels=class_labels, train=train, rngs=rngs)
+    kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
+    return self.module.apply(variables, x, sigma, class_labels=class_labels, train=train, rngs=rngs, **kwargs)
+
+  @property
+  def augment_dim(self) -> int:
+    """How many augmentation labels the network is conditioned on (EDM's augment_dim; 0 = none)."""
+    return int(getattr(getattr(self.module, "model", self.module), "augment_dim", 0) or 0)
 
 
 @dataclasses.dataclass(frozen=True)

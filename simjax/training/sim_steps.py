@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from simjax.data import augment as augment_lib
 from simjax.diffusion import edm
 from simjax.losses import dsm, sim
 from simjax.parallel import mesh as mesh_lib
@@ -76,6 +77,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   # SiD's loss scaling (--lsg 100, --ls 1): gradients reach Adam multiplied by these; losses and gradient
   # norms are reported unscaled.
   gen_scale, fake_scale = loss_scales(config)
+  augment_p = fake_augment_probability(config, nets)
   bspec = lambda x: None if x is None else mesh_lib.batch_spec(x.ndim)
 
   def fake_local(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
@@ -85,9 +87,15 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
     # The generator is in eval mode here (no dropout), as in SiD's fake-score update.
     x_g = jax.lax.stop_gradient(fake_nets.generate(gen_full, consts["generator"], z, labels))
 
+    augment_labels = None
+    if augment_p > 0:
+      # EDM's augmentation pipe on the fake score's DSM, as SiD trains it (--augment 0.12): the network is
+      # conditioned on the labels, the DSM target is the augmented sample.
+      x_g, augment_labels = augment_lib.augment(jax.random.fold_in(rng, 2), x_g, augment_p)
+
     def loss_fn(fp_local):
       fp = mesh_lib.gather_params(fp_local, specs["fake"])
-      denoise = lambda p, x, s: fake_nets.fake.apply(p, consts["fake"], x, s, labels,
+      denoise = lambda p, x, s: fake_nets.fake.apply(p, consts["fake"], x, s, labels, augment_labels=augment_labels,
                                                      train=True, rng=jax.random.fold_in(rng, 1))
       return fake_scale * dsm.dsm_loss(fp, denoise, x_g, sigma, eps, float(config.sigma_data))
 
@@ -131,6 +139,18 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
     return call
 
   return StepGrads(fake=sharded(fake_local, specs["fake"]), generator=sharded(gen_local, specs["generator"]))
+
+
+def fake_augment_probability(config, nets: DistillNetworks) -> float:
+  """config.fake_augment_p where the fake score takes EDM's 9 augmentation labels, else 0 (nothing to condition)."""
+  p = float(config.get("fake_augment_p", 0.0) or 0.0)
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"fake_augment_p must lie in [0, 1], got {p}; set --config.fake_augment_p (EDM/SiD: 0.12).")
+  dim = nets.fake.augment_dim if nets.fake is not None else 0
+  if p and dim and dim != augment_lib.augment_label_dim():
+    raise ValueError(f"fake_augment_p={p} needs a fake score with EDM's {augment_lib.augment_label_dim()} augmentation "
+                     f"labels, but it takes {dim}; set --config.fake_augment_p=0.")
+  return p if dim else 0.0
 
 
 def loss_scales(config):
