@@ -82,7 +82,9 @@ def check_arch_matches(arch, config, source):
 def validate(config, mode):
   if mode not in MODES:
     raise ValueError(f"mode {mode!r} is not available for the image pipeline; use one of {MODES}.")
-  common.validate_common(config)
+  mesh = common.validate_common(config)
+  # Sampling splits each eval batch over every device: checked here, before a run trains for hours.
+  mesh_lib.check_batch_divisible(int(config.eval.batch_size), mesh, "eval.batch_size")
   shape = data_shape(config)
   if len(shape) != 3 or shape[0] != shape[1]:
     raise ValueError(f"data.shape must be (R, R, C), got {shape}.")
