@@ -334,6 +334,31 @@ def test_compute_fid_stats_on_a_mesh_and_mesh_errors():
     fid.compute_fid_stats(feature_fn, [images], batch_size=4, mesh=other_axis)
 
 
+def test_compute_fid_stats_takes_pytree_batches_and_returns_aligned_outputs():
+  traces = []
+  feature_fn, numpy_feature_fn = _toy_feature_fn(traces)
+  rng = np.random.default_rng(11)
+  images = rng.normal(size=(11, 2, 3, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, size=11).astype(np.int32)
+
+  def with_outputs(batch):  # the label travels with its image; a per-row output computed from the image
+    return feature_fn(batch["x"]), {"label": batch["labels"], "sign": jnp.sign(batch["x"][:, 0, 0, 0])}
+
+  seen = []
+  batches = [{"x": images[:3], "labels": labels[:3]}, {"x": images[3:], "labels": labels[3:]}]
+  mu, sigma, outputs = fid.compute_fid_stats(with_outputs, batches, batch_size=4, return_outputs=True,
+                                             progress=lambda done, rows: seen.append((done, rows)))
+  expected_mu, expected_sigma = fid.feature_statistics(numpy_feature_fn(images.astype(np.float64)))
+  np.testing.assert_allclose(mu, expected_mu, atol=1e-6)
+  np.testing.assert_allclose(sigma, expected_sigma, atol=1e-6)
+  np.testing.assert_array_equal(outputs["label"], labels)  # padding rows dropped, order kept
+  np.testing.assert_array_equal(outputs["sign"], np.sign(images[:, 0, 0, 0]))
+  assert seen == [(1, 4), (2, 8), (3, 11)]
+  # Processes with fewer samples pad with empty batches up to the agreed count.
+  chunks = list(fid._fixed_size_batches([images[:5]], 4, 5, min_batches=4))  # pylint: disable=protected-access
+  assert [n for _, n in chunks] == [4, 1, 0, 0] and all(b.shape == (4, 2, 3, 3) for b, _ in chunks)
+
+
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax
     jax.config.update("jax_num_cpu_devices", 4)

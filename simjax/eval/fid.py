@@ -169,28 +169,39 @@ class FeatureMoments:
     return self.shift + mean_centred, (sigma + sigma.T) / 2
 
 
-def _fixed_size_batches(sample_batches: Iterable, batch_size: int,
-                        num_samples: int | None) -> Iterator[tuple[object, int]]:
+def _rows(batch) -> int:
+  return jax.tree.leaves(batch)[0].shape[0]
+
+
+def _fixed_size_batches(sample_batches: Iterable, batch_size: int, num_samples: int | None,
+                        min_batches: int = 0) -> Iterator[tuple[object, int]]:
   """Re-chunks batches of any size into (batch of exactly `batch_size`, number of real rows).
 
-  The last batch is zero-padded; a fixed shape means the feature function compiles once. Batches
-  that already have the right size pass through untouched (they may stay on device).
+  A batch is an array or a pytree of arrays with a common leading dimension (e.g. images and
+  labels). The last batch is zero-padded; a fixed shape means the feature function compiles once.
+  Batches that already have the right size pass through untouched (they may stay on device).
+  All-padding batches follow until `min_batches` were yielded (processes must agree on a count).
   """
-  pending, pending_count, seen = [], 0, 0
+  pending, pending_count, seen, yielded, template = [], 0, 0, 0, None
+  cat = lambda parts: jax.tree.map(lambda *a: np.concatenate(a), *parts) if len(parts) > 1 else parts[0]
   for batch in sample_batches:
     if num_samples is not None:
-      batch = batch[:num_samples - seen]
-    size = batch.shape[0]
+      batch = jax.tree.map(lambda a: a[:num_samples - seen], batch)  # pylint: disable=cell-var-from-loop
+    size = _rows(batch)
     seen += size
+    if template is None:
+      template = jax.tree.map(lambda a: np.zeros((batch_size,) + a.shape[1:], a.dtype), batch)
     if not pending and size == batch_size:
+      yielded += 1
       yield batch, batch_size
     elif size:
-      pending.append(np.asarray(batch))
+      pending.append(jax.tree.map(np.asarray, batch))
       pending_count += size
       while pending_count >= batch_size:
-        joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
-        yield joined[:batch_size], batch_size
-        pending = [joined[batch_size:]] if pending_count > batch_size else []
+        joined = cat(pending)
+        yielded += 1
+        yield jax.tree.map(lambda a: a[:batch_size], joined), batch_size
+        pending = [jax.tree.map(lambda a: a[batch_size:], joined)] if pending_count > batch_size else []
         pending_count -= batch_size
     if num_samples is not None and seen >= num_samples:
       break  # do not draw another batch from a possibly endless generator
@@ -198,9 +209,16 @@ def _fixed_size_batches(sample_batches: Iterable, batch_size: int,
     raise UserError(f"compute_fid_stats: sample_batches ran out after {seen} samples, fewer "
                      f"than num_samples={num_samples}; yield more batches or lower num_samples.")
   if pending_count:
-    rest = np.concatenate(pending) if len(pending) > 1 else pending[0]
-    padding = np.zeros((batch_size - pending_count,) + rest.shape[1:], rest.dtype)
-    yield np.concatenate([rest, padding]), pending_count
+    rest = cat(pending)
+    yielded += 1
+    yield jax.tree.map(lambda a: np.concatenate(
+        [a, np.zeros((batch_size - pending_count,) + a.shape[1:], a.dtype)]), rest), pending_count
+  while yielded < min_batches:
+    if template is None:
+      raise UserError("compute_fid_stats: this process has no samples while others have some; give every "
+                      "process at least one sample.")
+    yielded += 1
+    yield template, 0
 
 
 def _to_global(local, sharding):
@@ -216,26 +234,42 @@ def _to_host(array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def _agreed_num_batches(num_samples: int | None, batch_size: int) -> int:
+  """With several processes, the most batches any process has, so all run the same collectives."""
+  if jax.process_count() == 1 or num_samples is None:
+    return 0
+  counts = multihost_utils.process_allgather(np.int64(-(-num_samples // batch_size)))
+  return int(np.max(counts))
+
+
 def compute_fid_stats(feature_fn: Callable, sample_batches: Iterable, *, batch_size: int,
-                      mesh: jax.sharding.Mesh | None = None,
-                      num_samples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      mesh: jax.sharding.Mesh | None = None, num_samples: int | None = None,
+                      return_outputs: bool = False, progress: Callable | None = None):
   """Streams image batches through `feature_fn` and returns (mu, sigma) of the features.
 
   Args:
     feature_fn: images [B, ...] -> features [B, D]; e.g.
       `simjax.eval.inception.make_inception_feature_fn(variables, mesh)`. Jit it: it is called
-      with one fixed batch shape.
-    sample_batches: iterable of arrays [n_i, ...] (numpy or jax; sizes may vary). With several
-      processes each yields its own samples, and all must yield the same number of batches.
+      with one fixed batch shape. It may return (features, outputs) with outputs a pytree of
+      per-row arrays [B, ...] (e.g. a classifier's predictions), see `return_outputs`.
+    sample_batches: iterable of arrays [n_i, ...] (numpy or jax; sizes may vary), or of pytrees
+      of arrays with a common leading dimension (e.g. (images, labels)), passed to feature_fn as
+      such. With several processes each yields its own samples.
     batch_size: rows per feature_fn call (per process). Inputs are re-chunked to this size; the
       last chunk is zero-padded and its padding rows are dropped from the statistics.
     mesh: if given, each batch is sharded over the mesh's 'data' axis (and 'fsdp', if the mesh
       has one: NamedSharding(mesh, P(('data', 'fsdp')))) so every device computes features for
       its slice; required with several processes so that their samples are pooled.
     num_samples: stop after this many samples (per process); required for endless iterators.
+      With several processes, give it: processes with fewer samples then pad with empty batches
+      (without it, every process must yield the same number of batches).
+    return_outputs: also return feature_fn's per-row outputs of the real rows, concatenated
+      (with several processes: every process's rows, batch by batch, process by process).
+    progress: called as progress(batches_done, rows_done) after each batch (rows: this process's).
 
   Returns:
-    (mu [D], sigma [D, D]) in float64, as `feature_statistics` of all features at once.
+    (mu [D], sigma [D, D]) in float64, as `feature_statistics` of all features at once; and the
+    outputs, when return_outputs.
   """
   if batch_size < 1:
     raise UserError(f"compute_fid_stats: batch_size must be positive, got {batch_size}.")
@@ -264,27 +298,44 @@ def compute_fid_stats(feature_fn: Callable, sample_batches: Iterable, *, batch_s
     if sharding is None:
       return feature_fn(batch), real_rows
     # Each process pads its own last batch, so carry which rows are real in the same layout.
-    return feature_fn(_to_global(batch, sharding)), _to_global(real_rows, sharding)
+    return (feature_fn(jax.tree.map(lambda a: _to_global(a, sharding), batch)),
+            _to_global(real_rows, sharding))
 
-  def accumulate(features, real_rows):
+  def accumulate(result, real_rows):
+    features, outputs = result if isinstance(result, tuple) else (result, None)
     features, real_rows = _to_host(features), _to_host(real_rows)
     if features.ndim != 2 or features.shape[0] != real_rows.shape[0]:
       raise UserError(f"compute_fid_stats: feature_fn returned shape {features.shape} for "
                        f"{real_rows.shape[0]} images; it must return features [B, D].")
     moments.add(features[real_rows])
+    if return_outputs:
+      collected.append(jax.tree.map(lambda a: _to_host(a)[real_rows], outputs))
 
-  moments = FeatureMoments()
-  in_flight = None
-  for batch, num_real in _fixed_size_batches(sample_batches, batch_size, num_samples):
+  moments, collected = FeatureMoments(), []
+  in_flight, done, rows = None, 0, 0
+
+  def finish(started, num_real):
+    nonlocal done, rows
+    accumulate(*started)
+    done, rows = done + 1, rows + num_real
+    if progress is not None:
+      progress(done, rows)
+
+  min_batches = _agreed_num_batches(num_samples, batch_size) if sharding is not None else 0
+  for batch, num_real in _fixed_size_batches(sample_batches, batch_size, num_samples, min_batches):
     # Start the next batch before reducing the previous one on the host, so the device's feature
     # extraction overlaps the float64 outer products.
-    started = dispatch(batch, num_real)
+    started = (dispatch(batch, num_real), num_real)
     if in_flight is not None:
-      accumulate(*in_flight)
+      finish(*in_flight)
     in_flight = started
   if in_flight is not None:
-    accumulate(*in_flight)
-  return moments.statistics()
+    finish(*in_flight)
+  stats = moments.statistics()
+  if not return_outputs:
+    return stats
+  outputs = (jax.tree.map(lambda *a: np.concatenate(a), *collected) if collected else None)
+  return stats + (outputs,)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,7 +84,9 @@ def validate(config, mode):
   if mode not in MODES:
     raise ValueError(f"mode {mode!r} is not available for the image pipeline; use one of {MODES}.")
   shape = data_shape(config)
-  common.validate_common(config, int(np.prod(shape)))
+  mesh = common.validate_common(config, int(np.prod(shape)))
+  # Sampling splits each eval batch over every device: checked here, before a run trains for hours.
+  mesh_lib.check_batch_divisible(int(config.eval.batch_size), mesh, "eval.batch_size")
   if len(shape) != 3 or shape[0] != shape[1]:
     raise ValueError(f"data.shape must be (R, R, C), got {shape}.")
   if config.data.name == "digits" and not 0.0 < float(config.data.holdout_fraction) < 1.0:

@@ -13,28 +13,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
+from simjax import sampling
 from simjax.diffusion import samplers
 from simjax.errors import UserError
 from simjax.eval import fid as fid_lib
 from simjax.eval import report
+from simjax.parallel import mesh as mesh_lib
 from simjax.teachers import edm as edm_teachers
 from simjax.training import distill
 from simjax.training.networks import Denoiser, DistillNetworks, split_variables
 
 
 # ----------------------------------------------------------------------------------------------
-# Feature spaces
+# Feature spaces: `fn(images)` on a batch split over the mesh -> (features [B, D], predicted class [B] or None)
 
 class DigitFeatures:
-  """The digit classifier's penultimate features; trained once per workdir and cached."""
+  """The digit classifier's penultimate features and its predictions; trained once per workdir and cached."""
 
   def __init__(self, config, workdir, train_split):
     from simjax.eval import digit_classifier as dc  # pylint: disable=import-outside-toplevel
     path = epath.Path(workdir) / "eval" / "digit_classifier.msgpack"
     cfg = config.eval.classifier
-    template = dc.DigitClassifier(int(cfg.features)).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    model = dc.DigitClassifier(int(cfg.features))
+    template = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
     if path.exists():
       params = flax.serialization.from_bytes(template, path.read_bytes())
     else:
@@ -42,80 +44,120 @@ class DigitFeatures:
                                    features=int(cfg.features))
       if jax.process_index() == 0:
         report._atomic_write_bytes(path, flax.serialization.to_bytes(jax.device_get(params)))  # pylint: disable=protected-access
-    self.fn = dc.make_feature_fn(params, int(cfg.features))
-    self.has_classes = True
 
-  def __call__(self, images):
-    return self.fn(images)
+    @jax.jit
+    def fn(images):
+      logits, feats = model.apply({"params": params}, images.astype(jnp.float32), return_features=True)
+      return feats, jnp.argmax(logits, -1).astype(jnp.int32)
+    self.fn = fn
+    self.has_classes = True
 
 
 class InceptionFeatures:
   """FID Inception-v3 pool3 features of images in [-1, 1] (mapped to [0, 1])."""
 
-  def __init__(self, config):
+  def __init__(self, config, mesh):
     from simjax.eval import inception  # pylint: disable=import-outside-toplevel
     variables = inception.load_fid_inception(config.eval.inception_path)
-    self.fn = inception.make_inception_feature_fn(variables)
-    self.batch = int(config.eval.batch_size)
+    pool3 = inception.make_inception_feature_fn(variables, mesh)
+    self.fn = jax.jit(lambda images: (pool3((images + 1.0) / 2.0), None))
     self.has_classes = False
 
-  def __call__(self, images):
-    feats = [np.asarray(self.fn(jnp.asarray((images[i:i + self.batch] + 1.0) / 2.0)), np.float64)
-             for i in range(0, len(images), self.batch)]
-    return np.concatenate(feats), None
 
-
-def make_features(config, workdir, train_split):
+def make_features(config, workdir, train_split, mesh):
   kind = config.eval.features
   if kind == "digit_classifier":
     return DigitFeatures(config, workdir, train_split)
   if kind == "inception":
-    return InceptionFeatures(config)
+    return InceptionFeatures(config, mesh)
   raise UserError(f"unknown eval.features {kind!r}; use 'digit_classifier' or 'inception'.")
 
 
-def reference_stats(config, features, train_split):
+def process_share(n):
+  """This process's contiguous slice of n rows that every process holds (data splits)."""
+  bounds = np.linspace(0, n, jax.process_count() + 1).astype(int)
+  return slice(bounds[jax.process_index()], bounds[jax.process_index() + 1])
+
+
+def stream_features(features, x_local, labels_local, *, mesh, batch_size, describe=""):
+  """Features of every process's rows, each device computing its slice (fid.compute_fid_stats).
+
+  Returns ((mu, sigma), predictions or None, labels or None), the last two pooled over processes in
+  matching order. batch_size is global (split over the processes, like the sampler's)."""
+  per_process = max(1, batch_size // jax.process_count())
+  total_batches = -(-len(x_local) // per_process)
+  rows = {"x": np.asarray(x_local, np.float32)}
+  if labels_local is not None:
+    rows["labels"] = np.asarray(labels_local, np.int32)
+
+  def fn(batch):
+    feats, preds = features.fn(batch["x"])
+    outputs = {} if preds is None else {"pred": preds}
+    if "labels" in batch:  # travels with its image, so predictions and labels stay aligned
+      outputs["label"] = batch["labels"]
+    return feats, outputs
+
+  def progress(done, _):
+    if describe and jax.process_index() == 0 and (done == 1 or done == total_batches or done % 10 == 0):
+      print(f"{describe}: features batch {done}/{total_batches}", flush=True)
+
+  mu, sigma, outputs = fid_lib.compute_fid_stats(fn, [rows], batch_size=per_process, mesh=mesh,
+                                                 num_samples=len(x_local), return_outputs=True, progress=progress)
+  outputs = outputs or {}
+  return (mu, sigma), outputs.get("pred"), outputs.get("label")
+
+
+def reference_stats(config, features, train_split, mesh):
   if config.eval.get("fid_ref"):
     return fid_lib.load_reference_stats(config.eval.fid_ref)
-  f, _ = features(train_split.x)
-  return fid_lib.feature_statistics(f)
+  share = process_share(len(train_split.x))
+  stats, _, _ = stream_features(features, train_split.x[share], None, mesh=mesh,
+                                batch_size=int(config.eval.batch_size), describe="eval: reference statistics")
+  return stats
 
 
 # ----------------------------------------------------------------------------------------------
 # Samples
 
-def teacher_samples(module, variables, num, batch, seed, label_dim, config):
-  """The teacher's Heun sampler (config.eval.teacher_steps, 2n-1 NFE), in batches; (x, labels)."""
-  def denoise(p, x, s):
-    v, labels = p
-    return module.apply(v, x, s, labels)
-
+def make_teacher_sampler(module, config, mesh, label_dim):
+  """sample(variables, num, seed) -> sampling.Samples: the teacher's Heun sampler (config.eval.teacher_steps,
+  2n-1 NFE) in global batches of config.eval.batch_size split over the mesh; the step compiles once."""
+  steps = int(config.eval.teacher_steps)
+  batch_fn = sampling.make_heun_batch_fn(
+      lambda v, x, s, labels: module.apply(v, x, s, labels), mesh, num_steps=steps,
+      sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max), rho=float(config.rho))
   shape = (module.img_resolution, module.img_resolution, module.img_channels)
-  sample = samplers.make_stepwise_sampler(denoise, num_steps=int(config.eval.teacher_steps),
-                                          sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max),
-                                          rho=float(config.rho))
-  xs, ls = [], []
-  base = jax.random.key(seed)
-  for i in range(-(-num // batch)):
-    k_z, k_l = jax.random.split(jax.random.fold_in(base, i))
-    z = jax.random.normal(k_z, (batch,) + shape, jnp.float32)
-    labels = (jax.nn.one_hot(jax.random.randint(k_l, (batch,), 0, label_dim), label_dim) if label_dim else None)
-    x = sample((variables, labels), z)
-    xs.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
-    ls.append(None if labels is None else np.asarray(labels))
-  x = np.concatenate(xs)[:num]
-  return x, (None if ls[0] is None else np.concatenate(ls)[:num])
+  batch = int(config.eval.batch_size)
+  noise = sampling.make_noise_fn(batch, shape, label_dim, mesh)
+  describe = f"teacher Heun {samplers.num_function_evals(steps)} NFE"
+
+  def sample(variables, num, seed, prefix="eval"):
+    return sampling.sample(batch_fn, sampling.replicate(variables, mesh), num=num, batch_size=batch, seed=seed,
+                           data_shape=shape, label_dim=label_dim, mesh=mesh, describe=f"{prefix}: {describe}",
+                           noise_fn=noise)
+  return sample
+
+
+def teacher_samples(module, variables, num, batch, seed, label_dim, config, mesh=None):
+  """(x, one-hot labels or None) from the teacher's Heun sampler on every process; see make_teacher_sampler."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.eval.batch_size = int(batch)
+  out = make_teacher_sampler(module, cfg, mesh or mesh_lib.make_mesh((-1, 1)), label_dim)(variables, num, seed)
+  return out.x, out.labels
 
 
 def _labels_to_int(labels):
   return None if labels is None else np.argmax(labels, -1).astype(np.int32)
 
 
-def measure(features, ref_stats, x, labels, nfe, num_classes):
-  f, preds = features(x)
-  mu, sigma = fid_lib.feature_statistics(f)
+def measure(features, ref_stats, x_local, labels_local, nfe, num_classes, *, mesh, batch_size, num_samples,
+            describe=""):
+  """Frechet distance (and class histogram, label accuracy) of every process's rows x_local, labels_local."""
+  (mu, sigma), preds, labels = stream_features(features, x_local, labels_local, mesh=mesh, batch_size=batch_size,
+                                               describe=describe)
   out = {"nfe": nfe, "frechet_distance": float(fid_lib.frechet_distance(mu, sigma, *ref_stats)),
-         "num_samples": int(len(x))}
+         "num_samples": int(num_samples)}
   if preds is not None:
     hist = np.bincount(preds, minlength=num_classes) / len(preds)
     out["class_histogram"] = hist.tolist()
@@ -130,36 +172,47 @@ def evaluate(config, workdir, setup, state):
   from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   nets: DistillNetworks = setup["nets"]
-  train, heldout = image_pipeline.load_data(config)
-  features = make_features(config, workdir, train)
-  ref = reference_stats(config, features, train)
+  mesh = setup["mesh"]
   n, seed, batch = int(config.eval.num_samples), int(config.eval.seed), int(config.eval.batch_size)
   num_classes = int(config.eval.num_classes)
+  steps = int(config.eval.teacher_steps)
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  say(f"eval: {n} samples each from the generator (1 NFE) and the teacher (Heun, "
+      f"{samplers.num_function_evals(steps)} NFE), in batches of {batch} over {jax.device_count()} devices",
+      flush=True)
 
-  gen_x, gen_l = distill.generate_samples(nets, state.ema["generator"], setup["extra"], n, batch, seed,
-                                          nets.label_dim)
-  gen_x = np.clip(gen_x, -1.0, 1.0)
+  gen = distill.make_generator_sampler(nets, setup["extra"], batch, nets.label_dim, mesh)(
+      state.ema["generator"], n, seed, "eval: generator 1 NFE")
   t_gen = time.time()
-  teacher = setup["consts"]["teacher"]
-  tea_x, tea_l = teacher_samples(nets.teacher.module, teacher, n, batch, seed + 1, nets.label_dim, config)
-  tea_x = np.clip(tea_x, -1.0, 1.0)
+  tea = make_teacher_sampler(nets.teacher.module, config, mesh, nets.label_dim)(setup["consts"]["teacher"], n, seed + 1)
   t_tea = time.time()
+
+  say(f"eval: {config.eval.features} features (reference statistics, then each source)", flush=True)
+  train, heldout = image_pipeline.load_data(config)
+  features = make_features(config, workdir, train, mesh)
+  ref = reference_stats(config, features, train, mesh)
+  share = process_share(len(heldout.x))
+  common = dict(mesh=mesh, batch_size=batch)
   results = {
-      "generator": measure(features, ref, gen_x, _labels_to_int(gen_l), 1, num_classes),
-      "teacher": measure(features, ref, tea_x, _labels_to_int(tea_l),
-                         samplers.num_function_evals(int(config.eval.teacher_steps)), num_classes),
-      "reference": measure(features, ref, heldout.x, heldout.labels if nets.label_dim else None, 0, num_classes),
+      "generator": measure(features, ref, np.clip(gen.local_x, -1.0, 1.0), _labels_to_int(gen.local_labels), 1,
+                           num_classes, num_samples=n, describe="eval: generator", **common),
+      "teacher": measure(features, ref, np.clip(tea.local_x, -1.0, 1.0), _labels_to_int(tea.local_labels),
+                         samplers.num_function_evals(steps), num_classes, num_samples=n, describe="eval: teacher",
+                         **common),
+      "reference": measure(features, ref, heldout.x[share], heldout.labels[share] if nets.label_dim else None, 0,
+                           num_classes, num_samples=len(heldout.x), describe="eval: reference", **common),
   }
   results["generator"]["step"] = int(jax.device_get(state.step))
   results["generator"]["sample_seconds"] = t_gen - t0
   results["teacher"]["sample_seconds"] = t_tea - t_gen
   results["generator"]["fd_ratio_to_teacher"] = (results["generator"]["frechet_distance"] /
                                                  max(results["teacher"]["frechet_distance"], 1e-12))
-  report.write_samples(workdir, "generator", gen_x, gen_l)
-  report.write_samples(workdir, "teacher", tea_x, tea_l)
+  gen_x, tea_x = np.clip(gen.x, -1.0, 1.0), np.clip(tea.x, -1.0, 1.0)
+  report.write_samples(workdir, "generator", gen_x, gen.labels)
+  report.write_samples(workdir, "teacher", tea_x, tea.labels)
   write_side_by_side(workdir, tea_x, gen_x, results["teacher"]["nfe"])
-  print("eval: " + " | ".join(f"{k}: FD={v['frechet_distance']:.3f} nfe={v['nfe']}" for k, v in results.items()),
-        flush=True)
+  say("eval: " + " | ".join(f"{k}: FD={v['frechet_distance']:.3f} nfe={v['nfe']}" for k, v in results.items()),
+      flush=True)
   return results
 
 
@@ -168,18 +221,20 @@ def periodic_eval_hook(config, workdir, setup):
   appended to eval/periodic.jsonl (the cheap running FID; the full count runs at the end)."""
   from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
   cache = {}
-  nets = setup["nets"]
+  nets, mesh = setup["nets"], setup["mesh"]
+  batch = int(config.eval.batch_size)
   # Built once: every periodic eval reuses the compiled generator batch.
-  sample = distill.make_generator_sampler(nets, setup["extra"], int(config.eval.batch_size), nets.label_dim)
+  sample = distill.make_generator_sampler(nets, setup["extra"], batch, nets.label_dim, mesh)
 
   def hook(step, state):
     if not cache:
       train, _ = image_pipeline.load_data(config)
-      cache["features"] = make_features(config, workdir, train)
-      cache["ref"] = reference_stats(config, cache["features"], train)
-    x, labels = sample(state.ema["generator"], int(config.eval.periodic_samples), int(config.eval.seed))
-    row = measure(cache["features"], cache["ref"], np.clip(x, -1, 1), _labels_to_int(labels), 1,
-                  int(config.eval.num_classes))
+      cache["features"] = make_features(config, workdir, train, mesh)
+      cache["ref"] = reference_stats(config, cache["features"], train, mesh)
+    num = int(config.eval.periodic_samples)
+    out = sample(state.ema["generator"], num, int(config.eval.seed), f"[eval] step {step}: generator")
+    row = measure(cache["features"], cache["ref"], np.clip(out.local_x, -1, 1), _labels_to_int(out.local_labels), 1,
+                  int(config.eval.num_classes), mesh=mesh, batch_size=batch, num_samples=num)
     row["step"] = int(step)
     if jax.process_index() == 0:
       path = epath.Path(workdir) / "eval" / "periodic.jsonl"
@@ -214,11 +269,16 @@ def write_side_by_side(workdir, teacher_x, gen_x, teacher_nfe, cols=10, rows=10)
 GENERATOR_INFO = "generator.json"
 
 
-def sample_mode(config, workdir):
-  """Generates config.sample.num images from a generator or teacher checkpoint into samples/."""
+def sample_mode(config, workdir, mesh=None):
+  """Generates config.sample.num images from a generator or teacher checkpoint into samples/.
+
+  Every process computes its share of each batch; process 0 writes the gathered samples."""
   source = config.sample.source
   wd = epath.Path(workdir)
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh_shape)
   path = epath.Path(config.sample.checkpoint) if config.sample.checkpoint else None
+  num, seed, batch = int(config.sample.num), int(config.sample.seed), int(config.eval.batch_size)
+  sampling.check_batch_size(batch, mesh)
   if source == "generator":
     path = path or wd / "generator"
     if not (path / "arch.json").exists():
@@ -229,19 +289,19 @@ def sample_mode(config, workdir):
     nets = DistillNetworks(generator=Denoiser(teacher.module), fake=None, teacher=None,
                            data_shape=(teacher.img_resolution, teacher.img_resolution, teacher.img_channels),
                            label_dim=teacher.label_dim, sigma_init=float(info["sigma_init"]))
-    x, labels = distill.generate_samples(nets, params, extra, int(config.sample.num), int(config.eval.batch_size),
-                                         int(config.sample.seed), teacher.label_dim)
+    out = distill.make_generator_sampler(nets, extra, batch, teacher.label_dim, mesh)(
+        sampling.replicate(params, mesh), num, seed, "sample: generator 1 NFE")
   elif source == "teacher":
     from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
     path = path or image_pipeline.resolve_teacher_path(config, workdir)
     teacher = edm_teachers.load_teacher(path)
-    x, labels = teacher_samples(teacher.module, teacher.params, int(config.sample.num), int(config.eval.batch_size),
-                                int(config.sample.seed), teacher.label_dim, config)
+    out = make_teacher_sampler(teacher.module, config, mesh, teacher.label_dim)(teacher.params, num, seed, "sample")
   else:
     raise UserError(f"unknown sample.source {source!r}; use 'generator' or 'teacher'.")
-  x = np.clip(x, -1.0, 1.0)
-  report.write_samples(workdir, f"sample_{source}", x, labels)
+  x = np.clip(out.x, -1.0, 1.0)
+  report.write_samples(workdir, f"sample_{source}", x, out.labels)
   report.write_png(wd / "samples" / f"sample_{source}.png",
                    report.image_grid(x[:100], 10, scale=max(1, 96 // x.shape[1])))
-  print(f"wrote {len(x)} samples from {path} to {wd / 'samples' / f'sample_{source}.npz'}", flush=True)
+  if jax.process_index() == 0:
+    print(f"wrote {len(x)} samples from {path} to {wd / 'samples' / f'sample_{source}.npz'}", flush=True)
   return "done"

@@ -8,16 +8,13 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.experimental import multihost_utils
 
+from simjax import sampling
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import checkpoint as ckpt_lib
 from simjax.training import loop as loop_lib
 from simjax.training import sim_steps
 from simjax.training import state as state_lib
-from simjax.training.networks import one_hot_labels
 
 
 def compile_logged(fn, name, *args):
@@ -95,29 +92,42 @@ def ema_generator_params(state):
   return state.ema["generator"]
 
 
-def make_generator_sampler(nets, gen_extra, batch: int, label_dim: int = 0):
-  """sample(gen_params, num, seed) -> (x, one-hot labels or None): one-step samples in batches,
-  deterministic in seed. The batch function compiles once per sampler, so build it once and reuse it."""
-  @jax.jit
-  def one_batch(p, key):
-    k_z, k_l = jax.random.split(key)
-    z = jax.random.normal(k_z, (batch,) + tuple(nets.data_shape), jnp.float32)
-    labels = one_hot_labels(k_l, batch, label_dim)
-    return nets.generate(p, gen_extra, z, labels), labels
+def mesh_of(tree):
+  """The mesh a pytree's arrays are laid out on, else the ('data', 'fsdp') mesh over every device."""
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return sharding.mesh
+  return mesh_lib.make_mesh((-1, 1))
 
-  def sample(gen_params, num: int, seed: int):
-    xs, ls = [], []
-    base = jax.random.key(seed)
-    for i in range(-(-num // batch)):
-      x, l = one_batch(gen_params, jax.random.fold_in(base, i))
-      # Every process gets the whole batch, however the compiler laid it out across hosts.
-      xs.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
-      ls.append(None if l is None else np.asarray(multihost_utils.process_allgather(l, tiled=True)))
-    x = np.concatenate(xs)[:num]
-    return x, (None if ls[0] is None else np.concatenate(ls)[:num])
+
+def make_generator_sampler(nets, gen_extra, batch: int, label_dim: int = 0, mesh=None):
+  """sample(gen_params, num, seed, describe='') -> sampling.Samples: one-step samples in global batches,
+  deterministic in seed, split over `mesh` (default: that of the params) and gathered once. The batch
+  function compiles once per sampler, so build it once and reuse it."""
+  def generate(p, z, labels):
+    params, extra = p
+    return nets.generate(params, extra, z, labels)
+
+  built = {}
+
+  def sample(gen_params, num: int, seed: int, describe: str = ""):
+    if not built:
+      m = mesh if mesh is not None else mesh_of(gen_params)
+      sampling.check_batch_size(batch, m)
+      built.update(mesh=m, extra=sampling.replicate(gen_extra, m),
+                   noise=sampling.make_noise_fn(batch, nets.data_shape, label_dim, m),
+                   fn=jax.jit(sampling.shard_rows(generate, m), out_shardings=mesh_lib.batch_sharding(
+                       m, 1 + len(nets.data_shape))))
+    return sampling.sample(built["fn"], (gen_params, built["extra"]), num=num, batch_size=batch, seed=seed,
+                           data_shape=nets.data_shape, label_dim=label_dim, mesh=built["mesh"], describe=describe,
+                           noise_fn=built["noise"])
   return sample
 
 
-def generate_samples(nets, gen_params, gen_extra, num: int, batch: int, seed: int, label_dim: int = 0):
-  """num one-step samples (and one-hot labels) from the generator; see `make_generator_sampler`."""
-  return make_generator_sampler(nets, gen_extra, batch, label_dim)(gen_params, num, seed)
+def generate_samples(nets, gen_params, gen_extra, num: int, batch: int, seed: int, label_dim: int = 0, mesh=None,
+                     describe: str = ""):
+  """(x, one-hot labels or None): num one-step samples from the generator on every process; see
+  `make_generator_sampler`."""
+  out = make_generator_sampler(nets, gen_extra, batch, label_dim, mesh)(gen_params, num, seed, describe)
+  return out.x, out.labels
