@@ -20,7 +20,6 @@ from simjax.errors import UserError
 from simjax.eval import fid as fid_lib
 from simjax.eval import report
 from simjax.parallel import mesh as mesh_lib
-from simjax.teachers import edm as edm_teachers
 from simjax.training import distill
 from simjax.training.networks import Denoiser, DistillNetworks, split_variables
 
@@ -284,7 +283,8 @@ def sample_mode(config, workdir, mesh=None):
     if not (path / "arch.json").exists():
       raise UserError(f"no exported generator at {path}; finish a run first or set --config.sample.checkpoint.")
     info = json.loads((path / GENERATOR_INFO).read_text())
-    teacher = edm_teachers.load_teacher(path)
+    from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
+    teacher = image_pipeline.read_teacher(str(path))
     params, extra = split_variables(teacher.params)
     nets = DistillNetworks(generator=Denoiser(teacher.module), fake=None, teacher=None,
                            data_shape=(teacher.img_resolution, teacher.img_resolution, teacher.img_channels),
@@ -294,7 +294,7 @@ def sample_mode(config, workdir, mesh=None):
   elif source == "teacher":
     from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
     path = path or image_pipeline.resolve_teacher_path(config, workdir)
-    teacher = edm_teachers.load_teacher(path)
+    teacher = image_pipeline.read_teacher(str(path))
     out = make_teacher_sampler(teacher.module, config, mesh, teacher.label_dim)(teacher.params, num, seed, "sample")
   else:
     raise UserError(f"unknown sample.source {source!r}; use 'generator' or 'teacher'.")
