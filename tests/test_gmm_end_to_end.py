@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -27,14 +28,18 @@ def read_jsonl(path):
 
 def test_main_run_improves_and_resumes(tmp_path):
   wd = tmp_path / "run"
-  run_main(wd, 1)
+  first = run_main(wd, 1)
+  assert "[init] fitting the MLP to the analytic teacher: 300 steps" in first.stdout, first.stdout[-2000:]
+  assert "[init] fitted in" in first.stdout
   start = json.loads((wd / "eval" / "final.json").read_text())
   # Extending num_steps continues the same run from its checkpoint (a resumable change).
   proc = run_main(wd, 400)
   final = json.loads((wd / "eval" / "final.json").read_text())
   assert set(final) == {"generator", "teacher", "reference"}
   for source in final.values():
-    assert {"nfe", "sliced_w2", "mmd", "mode_mass"} <= set(source)
+    assert {"nfe", "sliced_w2", "mmd", "mode_mass", "mode_mass_max_abs_error", "off_mode_mass"} <= set(source)
+    assert 0.0 <= source["off_mode_mass"] <= 1.0
+  assert final["reference"]["off_mode_mass"] < 0.004  # ~0.1% of true samples by construction
   assert final["generator"]["nfe"] == 1 and final["teacher"]["nfe"] == 15
   assert final["generator"]["step"] == 400
   assert final["generator"]["sliced_w2"] < 0.7 * start["generator"]["sliced_w2"], (start, final)
@@ -42,7 +47,8 @@ def test_main_run_improves_and_resumes(tmp_path):
   rows = read_jsonl(wd / "metrics.jsonl")
   steps = [r["step"] for r in rows]
   assert steps == [1] + list(range(50, 401, 50)), steps  # resumed at step 1, no step logged twice
-  assert "step 50/400" in proc.stdout and "ETA" in proc.stdout
+  assert "step 50/400" in proc.stdout and "ETA" in proc.stdout and "off_mode=" in proc.stdout
+  assert "[init]" not in proc.stdout  # resumed: no warm start again
   for key in ("fake_loss", "gen_loss", "fake_grad_norm", "gen_grad_norm", "steps_per_sec"):
     assert key in rows[-1]
 
@@ -57,3 +63,18 @@ def test_eval_mode_needs_a_checkpoint(tmp_path):
   proc = run_main(tmp_path / "empty", 10, "--mode=eval", check=False)
   assert proc.returncode == 2
   assert "no checkpoint" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="issue #13 item 3 open: seed 0 measures 1.62x the teacher's sliced-W2 "
+                   "(README table); remove this mark once the defaults meet the bounds on seeds 0-2")
+def test_default_run_meets_the_quality_bounds(tmp_path):
+  """configs/gmm2d.py as shipped, its default seed: the bounds of issue #13 item 3 (a few minutes on 2 cores)."""
+  cmd = [sys.executable, "-m", "simjax.main", "--config=configs/gmm2d.py", f"--workdir={tmp_path / 'run'}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = json.loads((tmp_path / "run" / "eval" / "final.json").read_text())
+  gen, teacher, ref = final["generator"], final["teacher"], final["reference"]
+  assert gen["sliced_w2"] <= 1.5 * teacher["sliced_w2"], (gen["sliced_w2"], teacher["sliced_w2"])
+  assert gen["off_mode_mass"] <= ref["off_mode_mass"] + 0.02, (gen["off_mode_mass"], ref["off_mode_mass"])
+  assert gen["mode_mass_max_abs_error"] <= 0.03, gen["mode_mass"]

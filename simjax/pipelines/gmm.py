@@ -101,18 +101,42 @@ def fit_teacher_copy(mlp, model_mix: gmm.Mixture, config):
   return params, losses
 
 
+MODES = ("train_and_eval", "train", "eval")
+# Narrowest component std, relative to the mixture's overall spread, that float32 samples resolve.
+MIN_RELATIVE_STD = 1e-5
+
+
 def validate(config, mode: str):
-  del mode
+  """Every check a user can fail, before main touches the workdir (one-line errors naming the fix)."""
+  if mode not in MODES:
+    raise UserError(f"mode {mode!r} is not available for the gmm pipeline (its teacher is analytic); use "
+                    f"--mode={' / '.join(MODES)}.")
   common.validate_common(config)
-  gmm.mixture_from_config(config.teacher)
+  mix = gmm.mixture_from_config(config.teacher)
+  model_mix, t = standardize(mix, float(config.sigma_data))
+  narrowest = float(np.min(np.asarray(model_mix.stds)) / float(config.sigma_data))
+  if not np.isfinite(t.scale) or not t.scale > 0 or not np.all(np.isfinite(np.asarray(model_mix.means))):
+    raise ValueError(f"teacher mixture cannot be standardised (overall std {t.scale * float(config.sigma_data):.3g}); "
+                     "set --config.teacher.means/stds to a finite, nonzero spread.")
+  if not narrowest >= MIN_RELATIVE_STD:
+    raise ValueError(f"teacher.stds: the narrowest component is {narrowest:.2g} of the mixture's overall std, below "
+                     f"the {MIN_RELATIVE_STD:g} float32 can resolve; set --config.teacher.stds wider or drop far-off "
+                     "components from --config.teacher.means.")
   for name in ("copy_steps", "copy_batch"):
     if int(config.init[name]) < 0:
-      raise ValueError(f"init.{name} must be >= 0, got {config.init[name]}.")
+      raise ValueError(f"init.{name} must be >= 0, got {config.init[name]}; set --config.init.{name} >= 0.")
+  if int(config.init.copy_steps) > 0:
+    if int(config.init.copy_batch) < 1:
+      raise ValueError(f"init.copy_batch must be >= 1 when init.copy_steps > 0 (got {config.init.copy_batch}); "
+                       "set --config.init.copy_batch to a positive integer, or --config.init.copy_steps=0 to skip "
+                       "the warm start.")
+    for name in ("copy_lr", "copy_p_std"):
+      if not float(config.init[name]) > 0:
+        raise ValueError(f"init.{name} must be > 0, got {config.init[name]}; set --config.init.{name} > 0.")
 
 
 def run(config, workdir, mode: str = "train_and_eval"):
-  if mode not in ("train_and_eval", "train", "eval"):
-    raise UserError(f"mode {mode!r} is not available for the gmm pipeline; use train_and_eval, train or eval.")
+  validate(config, mode)  # main has already called it; direct callers get the same checks
   checkpointer, writer = common.open_stage(config, workdir)
   try:
     return _run(config, workdir, checkpointer, writer, mode)
@@ -128,7 +152,18 @@ def _run(config, workdir, checkpointer, writer, mode):
 
   def init_fn():
     if int(config.init.copy_steps) > 0:
+      # setup_state also traces init_fn abstractly (eval_shape) for the shapes: report only the real fit.
+      traced = isinstance(jnp.zeros(()), jax.core.Tracer)
+      steps = int(config.init.copy_steps)
+      if not traced and jax.process_index() == 0:
+        print(f"[init] fitting the MLP to the analytic teacher: {steps} steps of batch {int(config.init.copy_batch)} "
+              "...", flush=True)
+      t_copy = time.time()
       p, losses = fit_teacher_copy(mlp, setup["model_mix"], config)
+      if not traced and jax.process_index() == 0:
+        tail = float(np.mean(np.asarray(losses)[-max(1, steps // 20):]))
+        print(f"[init] fitted in {time.time() - t_copy:.0f}s: weighted denoiser error {float(losses[0]):.4g} -> "
+              f"{tail:.4g} (mean of the last 5% of steps); generator and fake score start from it", flush=True)
     else:
       p = mlp.init(jax.random.key(int(config.seed) + 1), jnp.zeros((1,) + nets.data_shape), jnp.ones((1,)))["params"]
       losses = jnp.zeros((1,))
@@ -171,12 +206,17 @@ def evaluate(config, workdir, setup, state, timings=None):
 
   weights = np.asarray(mix.weights).tolist()
   def measure(x, nfe):
+    # Mode statistics are invariant under the standardisation: take them in model units, where float32 is safe.
+    mass, off = gmm.mode_statistics(setup["model_mix"], std.to_model(np.asarray(x, np.float64)).astype(np.float32))
     return {
         "nfe": nfe,
         "sliced_w2": metrics_lib.sliced_w2(x, truth, int(config.eval.num_projections), seed),
         "mmd": metrics_lib.mmd(x, truth),
-        "mode_mass": np.asarray(gmm.nearest_mean_mass(mix, jnp.asarray(x))).tolist(),
+        "mode_mass": mass.tolist(),
         "mode_weight": weights,
+        "mode_mass_max_abs_error": float(np.max(np.abs(mass - np.asarray(weights)))),
+        "off_mode_mass": off,
+        "off_mode_quantile": gmm.OFF_MODE_QUANTILE,
         "num_samples": int(len(x)),
     }
   results = {
@@ -184,8 +224,6 @@ def evaluate(config, workdir, setup, state, timings=None):
       "teacher": measure(teacher_x, samplers.num_function_evals(int(config.eval.teacher_steps))),
       "reference": measure(reference, 0),
   }
-  for r in results.values():
-    r["mode_mass_max_abs_error"] = float(np.max(np.abs(np.asarray(r["mode_mass"]) - np.asarray(weights))))
   results["generator"]["step"] = int(jax.device_get(state.step))
   if timings:
     results["generator"].update(timings)
@@ -202,5 +240,6 @@ def evaluate(config, workdir, setup, state, timings=None):
                results["teacher"]["sliced_w2"], results["reference"]["sliced_w2"])
   if jax.process_index() == 0:
     print("eval: " + " | ".join(f"{k}: sliced_w2={v['sliced_w2']:.4f} mmd={v['mmd']:.2e} "
-                                f"mode_err={v['mode_mass_max_abs_error']:.3f}" for k, v in results.items()), flush=True)
+                                f"mode_err={v['mode_mass_max_abs_error']:.3f} off_mode={v['off_mode_mass']:.4f}"
+                                for k, v in results.items()), flush=True)
   return results

@@ -14,6 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
+
+# A true sample lies farther than this chi-square quantile from its own component with probability 0.1%.
+OFF_MODE_QUANTILE = 0.999
+# Largest |mean| or std accepted: float32 squared distances of such values in 64 dims stay finite.
+MAX_ABS_VALUE = 1e15
 
 
 class Mixture(NamedTuple):
@@ -42,8 +48,14 @@ def mixture_from_config(teacher_config) -> Mixture:
   if weights.shape != (k,):
     raise ValueError(f"teacher.weights must have one entry per component ({k}), got shape {weights.shape}; "
                      "make it match teacher.means.")
-  if not np.all(np.isfinite(means)):
-    raise ValueError("teacher.means must be finite.")
+  # Evaluation works in float32 in the user's units (squared distances of samples): larger values
+  # would overflow to inf mid-run instead of here.
+  if not np.all(np.isfinite(means)) or np.abs(means).max() > MAX_ABS_VALUE:
+    raise ValueError(f"teacher.means must be finite and at most {MAX_ABS_VALUE:.0e} in magnitude, got max |mean| "
+                     f"{np.abs(means).max():.3g}; set --config.teacher.means in smaller units.")
+  if not np.all(np.isfinite(stds)) or stds.max() > MAX_ABS_VALUE:
+    raise ValueError(f"teacher.stds must be finite and at most {MAX_ABS_VALUE:.0e}, got max {stds.max():.3g}; "
+                     "set --config.teacher.stds in smaller units.")
   if not np.all(stds > 0):
     raise ValueError(f"teacher.stds must all be > 0, got min {stds.min()}; use small positive stds instead.")
   if not np.all(weights > 0) or abs(weights.sum() - 1.0) > 1e-4:
@@ -92,10 +104,43 @@ def sample(mix: Mixture, key, n: int):
 
 
 def nearest_mean_mass(mix: Mixture, x):
-  """Fraction of samples assigned to each component by nearest mean: [K]."""
+  """Fraction of samples assigned to each component by nearest mean: [K] (blind to anisotropy)."""
   d2 = jnp.sum((x[:, None, :] - mix.means[None]) ** 2, axis=-1)
   idx = jnp.argmin(d2, axis=-1)
   return jnp.bincount(idx, length=mix.means.shape[0]) / x.shape[0]
+
+
+def _squared_mahalanobis(mix: Mixture, x):
+  """||(x - mu_k) / s_k||^2 for every sample and component: [N, K]."""
+  x = jnp.asarray(x, jnp.float32)
+  return jnp.sum(jnp.square((x[:, None, :] - mix.means[None]) / mix.stds[None]), axis=-1)
+
+
+@jax.jit
+def _mode_statistics(mix: Mixture, x, threshold):
+  lp, _ = _component_log_probs(mix, jnp.asarray(x, jnp.float32), jnp.zeros(x.shape[:1], jnp.float32))
+  idx = jnp.argmax(lp, axis=-1)
+  mass = jnp.bincount(idx, length=mix.means.shape[0]) / x.shape[0]
+  off = jnp.mean(jnp.min(_squared_mahalanobis(mix, x), axis=-1) > threshold)
+  return mass, off
+
+
+def off_mode_threshold(dim: int, quantile: float = OFF_MODE_QUANTILE) -> float:
+  """The chi-square(dim) quantile of the squared Mahalanobis distance of a true component sample."""
+  return float(scipy.stats.chi2.ppf(quantile, dim))
+
+
+def mode_statistics(mix: Mixture, x, quantile: float = OFF_MODE_QUANTILE):
+  """(mode mass [K], off-mode fraction) of samples x [N, D].
+
+  mode mass: the fraction assigned to each component by likelihood (argmax_k w_k N(x; mu_k, S_k)),
+  which scores anisotropic components right where the nearest mean does not.
+  off-mode fraction: the fraction whose squared Mahalanobis distance to *every* component exceeds
+  the chi-square(D) `quantile`: a true sample is off-mode with probability <= 1 - quantile in any
+  dimension, while a ring or a bridge between modes puts its mass there.
+  """
+  mass, off = _mode_statistics(mix, jnp.asarray(x, jnp.float32), off_mode_threshold(mix.means.shape[1], quantile))
+  return np.asarray(mass), float(off)
 
 
 class GaussianMixtureDenoiser(nn.Module):
