@@ -35,7 +35,8 @@ setup(
         "scipy>=1.11",  # sqrtm for Frechet distances
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        # The test extra carries torch so the parity tests against PyTorch-written files run, not skip.
+        "test": ["pytest>=8.0", "torch>=2.13,<2.15"],
         # Only for reading PyTorch files (EDM pickles, .pt state dicts, Inception .pth).
         "convert": ["torch>=2.13,<2.15"],
     },

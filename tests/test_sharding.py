@@ -381,8 +381,6 @@ def test_fsdp_over_all_eight_devices_matches_replicated_run():
 
 
 def test_teacher_dsm_step_does_not_depend_on_device_count():
-  if not (REPO / "simjax" / "training" / "teacher_steps.py").exists():
-    pytest.skip("simjax/training/teacher_steps.py is not written yet")
   result = run_worker("teacher", "1x1,2x4")
   assert result["moved"] > 1e-4
   _assert_close(result["compare"]["2x4"], "teacher 2x4 (FSDP) vs 1 device")
@@ -393,8 +391,6 @@ def test_teacher_dsm_step_does_not_depend_on_device_count():
 
 @pytest.mark.slow
 def test_teacher_dsm_step_replicated_on_eight_devices():
-  if not (REPO / "simjax" / "training" / "teacher_steps.py").exists():
-    pytest.skip("simjax/training/teacher_steps.py is not written yet")
   result = run_worker("teacher", "1x1,8x1,1x8")
   for mesh, compare in result["compare"].items():
     _assert_close(compare, f"teacher {mesh} vs 1 device")

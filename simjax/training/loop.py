@@ -266,7 +266,12 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
       step += 1
       watch.add(step, metrics.get("nonfinite_streak") if isinstance(metrics, dict) else None)
       arrived = watch.longest_arrived()
-      if arrived is not None:
+      if arrived is not None and arrived[1] >= max_nonfinite_streak:
+        flush()  # the log up to here, then this step's row, so the log shows the streak that stopped the run
+        if isinstance(metrics, dict):
+          host = jax.device_get(metrics)
+          host["steps_per_sec"] = (step - step_log) / max(time.time() - t_log, 1e-9)
+          writer.write(step, host)
         check_finite(*arrived)
       flush()  # the previous log step's metrics are on the host by now
       if step % log_every == 0 or step == num_steps:
