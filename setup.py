@@ -36,7 +36,9 @@ setup(
     ],
     extras_require={
         # The test extra carries torch so the parity tests against PyTorch-written files run, not skip.
-        "test": ["pytest>=8.0", "torch>=2.13,<2.15"],
+        "test": ["pytest>=8.0", "torch>=2.13,<2.15", "gcsfs>=2024.2"],
+        # gs:// workdirs: etils' object-store backend (checkpoints go through orbax/tensorstore directly).
+        "gcs": ["gcsfs>=2024.2"],
         # Only for reading PyTorch files (EDM pickles, .pt state dicts, Inception .pth).
         "convert": ["torch>=2.13,<2.15"],
     },

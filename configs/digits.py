@@ -40,7 +40,6 @@ def get_config(arg=None):
   c.optim.generator.lr = 5e-5
   c.optim.fake.lr = 2e-4
   c.ema_half_life_images = 10_000.0
-  c.loss.huber_c_per_dim = 0.1  # c = 0.1 * sqrt(64)
   c.log_every = 100
   c.checkpoint_every = 200
   c.grid_every = 200

@@ -105,7 +105,7 @@ def main(argv):
   jax.config.update("jax_threefry_partitionable", True)
   from simjax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
   enable_compilation_cache()
-  from simjax import pipelines, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from simjax import pipelines, storage, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import checkpoint as ckpt_lib, loop as loop_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import perf as perf_lib  # pylint: disable=import-outside-toplevel
@@ -124,19 +124,20 @@ def main(argv):
   config = _CONFIG.value
   try:
     try:  # everything a user can get wrong is checked here, before the workdir is touched
+      workdir = storage.resolve_workdir(_WORKDIR.value)  # once, absolute: every writer sees this path
       pipeline = pipelines.get(config)
       pipeline.validate(config, _MODE.value)
-      workdir_lib.prepare(_WORKDIR.value, config, overwrite=_OVERWRITE.value,
-                          require_run=_MODE.value in ("eval", "sample"))
+      workdir_lib.prepare(workdir, config, overwrite=_OVERWRITE.value, require_run=_MODE.value in ("eval", "sample"))
     except (ValueError, TypeError, FileNotFoundError) as e:
       fail(_one_line(e))
     perf_lib.apply_process_options(perf_lib.resolve(config))  # validated above
     if jax.process_index() == 0:
       print(f"simjax {simjax.__version__}: {config.pipeline} pipeline, --mode={_MODE.value}, workdir "
-            f"{_WORKDIR.value}; {jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} "
+            f"{workdir}; {jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} "
             "process(es)", flush=True)
     try:
-      status = pipeline.run(config, _WORKDIR.value, _MODE.value)
+      status = pipeline.run(config, workdir, _MODE.value)
+      workdir_lib.write_pending_records(workdir)  # a mode that read no checkpoint back (its stages were done)
     except (UserError, FileNotFoundError) as e:
       fail(_one_line(e))
     except loop_lib.NonFiniteError as e:
@@ -152,7 +153,7 @@ def main(argv):
   if status == "preempted":
     print("simjax: preempted; checkpoint saved; rerun the same command to resume.", file=sys.stderr, flush=True)
   elif jax.process_index() == 0:
-    print_results(_WORKDIR.value)
+    print_results(workdir)
 
 
 def print_results(workdir):

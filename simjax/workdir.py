@@ -1,13 +1,13 @@
 """The workdir: its resolved config, run record, and the guard against mixing two runs in one place."""
 import json
 import platform
-import shutil
 import time
 
 import jax
 from etils import epath
 
 import simjax
+from simjax import storage
 
 # Keys a user may change when continuing a run: how long it runs and how it reports, not what it learns.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval", "sample",
@@ -43,12 +43,47 @@ def config_differences(old: dict, new: dict):
   return diffs
 
 
-def prepare(workdir, config, *, overwrite: bool = False, require_run: bool = False):
-  """Checks the workdir against this config before anything is written; then records the config.
+def _read_json_object(path: epath.Path, workdir):
+  """A workdir's JSON record as a dict, or WorkdirError naming the file and the fix."""
+  try:
+    value = json.loads(path.read_bytes().decode())
+  except (ValueError, UnicodeDecodeError):
+    raise WorkdirError(f"{path} is unreadable (not JSON); pass --overwrite to start over in {workdir}, or use "
+                       "another --workdir.") from None
+  if not isinstance(value, dict):
+    raise WorkdirError(f"{path} holds JSON that is not an object; pass --overwrite to start over in {workdir}, or "
+                       "use another --workdir.")
+  return value
 
-  A workdir holding a different run is refused (exit 2 upstream) unless `overwrite`, which clears it.
-  `require_run` (eval, sample) refuses a workdir without checkpoints.
+
+def is_simjax_run(path: epath.Path) -> bool:
+  """Whether `path` carries simjax's own markers (what --overwrite may clear)."""
+  for name, key in (("run_info.json", "simjax_version"), ("config.json", "pipeline")):
+    try:
+      if key in json.loads((path / name).read_bytes().decode()):
+        return True
+    except (OSError, ValueError, UnicodeDecodeError, TypeError):
+      continue
+  return has_checkpoint(path) and (path / "config.json").exists()
+
+
+def _ours(child) -> bool:
+  """Files that do not make a workdir hold "another run": our lock and our half-written temp files."""
+  return child.name == storage.LOCK_NAME or child.name.endswith(".tmp")
+
+
+_PENDING = {}  # workdir -> (config_json, run_info): a resumed run records itself once its checkpoint reads back
+
+
+def prepare(workdir: str, config, *, overwrite: bool = False, require_run: bool = False):
+  """Checks the (resolved) workdir against this config before anything is written; then locks it and
+  records the config, or, when it resumes a run, defers the records to `write_pending_records`.
+
+  A workdir holding a different run is refused (exit 2 upstream) unless `overwrite`, which clears it;
+  `overwrite` never clears a directory without simjax's markers. `require_run` (eval, sample) refuses a
+  workdir without checkpoints.
   """
+  storage.check_local_writable(workdir)
   path = epath.Path(workdir)
   if path.exists() and not path.is_dir():
     raise WorkdirError(f"--workdir={workdir} is a file, not a directory; point --workdir at a directory.")
@@ -57,36 +92,55 @@ def prepare(workdir, config, *, overwrite: bool = False, require_run: bool = Fal
                        "(--mode=train_and_eval) or point --workdir at a finished run.")
   config_json = json.loads(config.to_json_best_effort())
   recorded = path / "config.json"
-  # Our own half-written files (a kill between write and rename) do not make a workdir "another run".
+  occupied = path.exists() and any(not _ours(child) for child in path.iterdir())
   clear = False
-  if path.exists() and any(not child.name.endswith(".tmp") for child in path.iterdir()):
-    if overwrite:
-      clear = True
-    elif recorded.exists():
-      try:
-        old = json.loads(recorded.read_text())
-      except ValueError:
-        raise WorkdirError(f"{recorded} is unreadable; pass --overwrite to start over in {workdir}.") from None
-      diffs = config_differences(old, config_json)
+  if occupied and overwrite:
+    if not is_simjax_run(path):
+      raise WorkdirError(f"workdir {workdir} is not empty and holds no simjax run; --overwrite clears only "
+                         "simjax runs: use an empty or new --workdir.")
+    clear = True
+  elif occupied:
+    if recorded.exists():
+      diffs = config_differences(_read_json_object(recorded, workdir), config_json)
       if diffs:
         raise WorkdirError(f"workdir {workdir} holds a run with a different config ({', '.join(diffs[:5])}"
                            f"{'...' if len(diffs) > 5 else ''}); use another --workdir, or --overwrite to replace it.")
     elif not (path / "checkpoints").exists():
-      raise WorkdirError(f"workdir {workdir} is not empty and holds no simjax run; use an empty --workdir "
-                         "or pass --overwrite.")
+      raise WorkdirError(f"workdir {workdir} is not empty and holds no simjax run; use an empty or new --workdir.")
+    for log in ("metrics.jsonl", "teacher/metrics.jsonl"):
+      try:
+        if (path / log).exists():
+          (path / log).read_bytes().decode()
+      except UnicodeDecodeError:
+        raise WorkdirError(f"{path / log} is not UTF-8 text (damaged); move it aside to resume from the "
+                           f"checkpoints, or pass --overwrite to start over in {workdir}.") from None
   # Every host checks before any host writes or clears, and none goes on before the writes are done.
   _sync("simjax_workdir_checked")
-  if jax.process_index() == 0 and clear:
-    for child in path.iterdir():
-      shutil.rmtree(child) if child.is_dir() else child.unlink()
+  info = {"simjax_version": simjax.__version__, "jax_version": jax.__version__, "python": platform.python_version(),
+          "backend": jax.default_backend(), "num_devices": jax.device_count(),
+          "num_processes": jax.process_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
   if jax.process_index() == 0:
+    storage.LOCK.acquire(workdir)
+    if clear:
+      for child in path.iterdir():
+        if child.name != storage.LOCK_NAME:
+          child.rmtree() if child.is_dir() else child.unlink()
     path.mkdir(parents=True, exist_ok=True)
-    _write(recorded, json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-    info = {"simjax_version": simjax.__version__, "jax_version": jax.__version__, "python": platform.python_version(),
-            "backend": jax.default_backend(), "num_devices": jax.device_count(),
-            "num_processes": jax.process_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write(path / "run_info.json", json.dumps(info, indent=2) + "\n")
+  _PENDING[workdir] = (config_json, info)
+  if clear or not any(has_checkpoint(path / stage) for stage in ("", "teacher")):
+    write_pending_records(workdir)  # nothing to read back first
   _sync("simjax_workdir_ready")
+
+
+def write_pending_records(workdir: str):
+  """Writes config.json and run_info.json if `prepare` deferred them (once; process 0)."""
+  records = _PENDING.pop(str(workdir), None)
+  if records is None or jax.process_index() != 0:
+    return
+  config_json, info = records
+  path = epath.Path(workdir)
+  storage.atomic_write_bytes(path / "config.json", (json.dumps(config_json, indent=2, sort_keys=True) + "\n").encode())
+  storage.atomic_write_bytes(path / "run_info.json", (json.dumps(info, indent=2) + "\n").encode())
 
 
 def _sync(name: str):
@@ -100,9 +154,3 @@ def has_checkpoint(path) -> bool:
   being written, or left by a kill, is named `<step>.orbax-checkpoint-tmp*`)."""
   ckpts = epath.Path(path) / "checkpoints"
   return ckpts.is_dir() and any(child.name.isdigit() for child in ckpts.iterdir())
-
-
-def _write(path: epath.Path, text: str):
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(path)

@@ -27,6 +27,7 @@ class Case(NamedTuple):
   expect: str                   # a substring of the one error line
   setup: Optional[Callable[[Path], None]] = None  # builds the workdir before the run (else it is absent)
   env: Optional[dict] = None
+  in_workdir: bool = False      # run with the workdir as the current directory (an empty --workdir means it)
 
 
 def gmm2d_config_json(**overrides) -> str:
@@ -65,6 +66,38 @@ def a_file(wd: Path):
   wd.write_text("not a directory\n")
 
 
+def same_run_with(name: str, data: bytes):
+  """A resumable run of this config whose record `name` holds `data`."""
+  def setup(wd: Path):
+    wd.mkdir()
+    (wd / "config.json").write_text(gmm2d_config_json())
+    (wd / "checkpoints" / "100").mkdir(parents=True)
+    (wd / name).write_bytes(data)
+  return setup
+
+
+_HELD_LOCKS = []  # descriptors kept open for the module's life: the lock another run holds
+
+
+def locked_by_another_run(wd: Path):
+  import fcntl  # pylint: disable=import-outside-toplevel
+  wd.mkdir()
+  (wd / "config.json").write_text(gmm2d_config_json())
+  fd = os.open(wd / ".simjax.lock", os.O_RDWR | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  _HELD_LOCKS.append(fd)
+
+
+def no_gcsfs(root: Path) -> dict:
+  """An environment in which `import gcsfs` fails, as on a machine without the [gcs] extra."""
+  (root / "gcsfs").mkdir(parents=True, exist_ok=True)
+  (root / "gcsfs" / "__init__.py").write_text('raise ImportError("No module named \'gcsfs\'")\n')
+  return {"PYTHONPATH": str(root)}
+
+
+ABS_CONFIG = f"--config={REPO / 'configs' / 'gmm2d.py'}"
+
+
 TWO_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 CASES = [
@@ -98,6 +131,20 @@ CASES = [
     Case("eval_without_workdir", [CONFIG, "--workdir={workdir}", "--mode=eval"], "no checkpoint"),
     Case("eval_with_only_an_unfinished_checkpoint", [CONFIG, "--workdir={workdir}", "--mode=eval"], "no checkpoint",
          setup=unfinished_checkpoint_only),
+    # --overwrite clears only a simjax run; an empty --workdir (the current directory) is refused outright.
+    Case("overwrite_a_directory_that_is_no_run", [CONFIG, "--workdir={workdir}", "--overwrite"], "holds no simjax run",
+         setup=foreign_files),
+    Case("empty_workdir_with_overwrite", [ABS_CONFIG, "--workdir=", "--overwrite"], "--workdir is empty",
+         setup=foreign_files, in_workdir=True),
+    Case("workdir_under_a_file", [CONFIG, "--workdir={workdir}/run"], "is a file", setup=a_file),
+    Case("metrics_log_not_utf8", [CONFIG, "--workdir={workdir}"], "not UTF-8",
+         setup=same_run_with("metrics.jsonl", b'{"step": 1}\n\xff\xfe\x00garbage\n')),
+    Case("config_json_not_an_object", [CONFIG, "--workdir={workdir}"], "not an object",
+         setup=same_run_with("config.json", b"[1, 2, 3]\n")),
+    Case("two_runs_in_one_workdir", [CONFIG, "--workdir={workdir}"], "another simjax run is using",
+         setup=locked_by_another_run),
+    Case("object_store_without_gcsfs", [CONFIG, "--workdir=gs://bucket/run"], "pip install 'simjax[gcs]'"),
+    Case("unsupported_url_scheme", [CONFIG, "--workdir=s3://bucket/run"], "not supported"),
 ]
 
 
@@ -122,8 +169,13 @@ def run_case(case: Case, root: Path):
   before = snapshot(wd)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(case.env or {})
+  if case.id == "object_store_without_gcsfs":
+    env.update(no_gcsfs(root / case.id / "site"))
   cmd = [sys.executable, "-m", "simjax.main"] + [a.format(workdir=wd) for a in case.args]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  if case.in_workdir:
+    env["PYTHONPATH"] = str(REPO)  # simjax itself, from a directory that is not the repository
+  proc = subprocess.run(cmd, cwd=wd if case.in_workdir else REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
   return proc, before, snapshot(wd)
 
 

@@ -287,10 +287,15 @@ def test_corrupt_latest_checkpoint_falls_back_then_refuses_when_none_is_good(bas
   for step in finished_steps(wd):
     corrupt_step(wd / "checkpoints" / str(step))
   before = sorted(p.name for p in (wd / "checkpoints").iterdir())
+  records = {name: ((wd / name).read_bytes(), (wd / name).stat().st_mtime_ns) for name in ("config.json", "run_info.json")}
   proc, text = run(wd, NUM_STEPS + 10, env, expect=2)
   errors = [l for l in text.splitlines() if l.startswith("simjax: error:")]
   assert len(errors) == 1 and "no readable checkpoint" in errors[0] and "--overwrite" in errors[0], text[-2000:]
   assert "Traceback" not in text
+  others = [l for l in text.splitlines() if l.strip() and not l.startswith(("simjax: error:", "simjax ", "compiling"))]
+  assert not others, f"only the error line (and progress) may be printed, got {others[:5]}"
+  for name, (data, mtime) in records.items():
+    assert ((wd / name).read_bytes(), (wd / name).stat().st_mtime_ns) == (data, mtime), f"{name} was rewritten"
   assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == before, "nothing moved when nothing is good"
 
 
@@ -356,6 +361,25 @@ def test_checkpointer_steps_fingerprints_and_fallback_in_process(tmp_path):
   assert step == 1 and np.array_equal(np.asarray(restored["w"]), np.asarray(w + 1))
   assert [r["step"] for r in read_rows(tmp_path)] == [1], "metrics cut back to the restored step"
   assert ckpt.steps() == [1] and len(list((tmp_path / "checkpoints.unreadable").iterdir())) == 1
+  ckpt.close()
+
+
+def test_damaged_checkpoint_metadata_is_named_not_taken_for_an_old_checkpoint(tmp_path):
+  """Orbax reads a garbled _CHECKPOINT_METADATA as "no metadata"; simjax names the damage and falls back."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from simjax.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "checkpoints", interval=1, max_to_keep=5)
+  for step in (1, 2):
+    ckpt.save(step, {"w": jnp.full((4,), float(step)), "step": jnp.int32(step)})
+  ckpt.wait()
+  (tmp_path / "checkpoints" / "2" / "_CHECKPOINT_METADATA").write_bytes(b"\x00garbage{")
+  restored, step = ckpt.restore_latest_good()
+  assert step == 1 and float(restored["w"][0]) == 1.0
+  for step in ckpt.steps():
+    (tmp_path / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").write_bytes(b"[]")
+  with pytest.raises(ckpt_lib.NoCheckpointError, match="_CHECKPOINT_METADATA is damaged"):
+    ckpt.restore_latest_good()
   ckpt.close()
 
 

@@ -1,6 +1,6 @@
 """The workdir files tools read by contract (DESIGN.md section 2): eval/*.json, samples/*.npz, PNGs.
 
-Every file is written to a temporary name and renamed, so a reader never sees half a file, and
+Every file is written whole (`storage.atomic_write_bytes`), so a reader never sees half a file, and
 only process 0 writes.
 """
 import io
@@ -12,18 +12,13 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
 
-
-def _atomic_write_bytes(path: epath.Path, data: bytes):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(data)
-  tmp.replace(path)
+from simjax import storage
 
 
 def write_json(path, obj):
   if jax.process_index() != 0:
     return
-  _atomic_write_bytes(epath.Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+  storage.atomic_write_bytes(epath.Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_final(workdir, results: dict, name: str = "final.json"):
@@ -40,7 +35,7 @@ def write_samples(workdir, name: str, x: np.ndarray, labels: Optional[np.ndarray
   if labels is not None:
     arrays["labels"] = np.asarray(labels)
   np.savez(buf, **arrays)
-  _atomic_write_bytes(epath.Path(workdir) / "samples" / f"{name}.npz", buf.getvalue())
+  storage.atomic_write_bytes(epath.Path(workdir) / "samples" / f"{name}.npz", buf.getvalue())
 
 
 def write_png(path, image: Image.Image):
@@ -48,7 +43,7 @@ def write_png(path, image: Image.Image):
     return
   buf = io.BytesIO()
   image.save(buf, format="PNG")
-  _atomic_write_bytes(epath.Path(path), buf.getvalue())
+  storage.atomic_write_bytes(epath.Path(path), buf.getvalue())
 
 
 def scatter_panels(panels: Sequence[tuple], size: int = 360, max_points: int = 5000) -> Image.Image:

@@ -3,6 +3,7 @@ import math
 
 from etils import epath
 
+from simjax import workdir as workdir_lib
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import checkpoint as ckpt_lib
 from simjax.training import loop as loop_lib
@@ -17,8 +18,12 @@ def open_stage(config, workdir, stage: str = "checkpoints", metrics_file: str = 
   writer = loop_lib.MetricWriter(workdir, metrics_file)
   latest = checkpointer.latest_step()
   writer.truncate_after(latest if latest is not None else 0)
+  if latest is None:
+    workdir_lib.write_pending_records(workdir)  # this stage starts fresh: nothing to read back first
   # A corrupt latest step makes the restore fall back to an older one: cut the log back to that too.
   checkpointer.on_restore.append(writer.truncate_after)
+  # A resumed run records its config only once its checkpoint has read back (an unreadable one changes nothing).
+  checkpointer.on_restore.append(lambda _: workdir_lib.write_pending_records(workdir))
   return checkpointer, writer
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from simjax import sampling
+from simjax import sampling, storage
 from simjax.diffusion import samplers
 from simjax.errors import UserError
 from simjax.eval import fid as fid_lib
@@ -42,7 +42,7 @@ class DigitFeatures:
       params = dc.train_classifier(train_split.x, train_split.labels, steps=int(cfg.steps), seed=int(cfg.seed),
                                    features=int(cfg.features))
       if jax.process_index() == 0:
-        report._atomic_write_bytes(path, flax.serialization.to_bytes(jax.device_get(params)))  # pylint: disable=protected-access
+        storage.atomic_write_bytes(path, flax.serialization.to_bytes(jax.device_get(params)))
 
     @jax.jit
     def fn(images):
@@ -236,10 +236,7 @@ def periodic_eval_hook(config, workdir, setup):
                   int(config.eval.num_classes), mesh=mesh, batch_size=batch, num_samples=num)
     row["step"] = int(step)
     if jax.process_index() == 0:
-      path = epath.Path(workdir) / "eval" / "periodic.jsonl"
-      path.parent.mkdir(parents=True, exist_ok=True)
-      with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+      storage.append_line(epath.Path(workdir) / "eval" / "periodic.jsonl", json.dumps(row) + "\n")
       print(f"[eval] step {step}: generator FD={row['frechet_distance']:.3f} "
             f"({row['num_samples']} samples)", flush=True)
   return hook

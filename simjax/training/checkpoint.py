@@ -10,6 +10,7 @@ fails to restore or to match is moved aside with a warning, and the next older o
 import contextlib
 import functools
 import gc
+import json
 import logging
 import sys
 import time
@@ -215,6 +216,14 @@ class Checkpointer:
 
   def verify(self, step: int, state):
     """Raises CheckpointIntegrityError if `state` (restored from `step`) differs from what was saved."""
+    metadata_file = self.directory / str(step) / "_CHECKPOINT_METADATA"
+    try:  # orbax reads a garbled metadata file as "no metadata": that must not pass for an old checkpoint
+      recorded = json.loads(metadata_file.read_bytes().decode()) if metadata_file.exists() else {}
+      if not isinstance(recorded, dict):
+        raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+      raise CheckpointIntegrityError(f"its {metadata_file.name} is damaged ({e}); the step cannot be "
+                                     "verified") from None
     expected = (self.manager.metadata(step).custom_metadata or {}).get(FINGERPRINT_KEY)
     if expected is None:
       logging.warning("checkpoint step %d has no fingerprint (written before simjax stored them); "
@@ -239,7 +248,7 @@ class Checkpointer:
         self.verify(step, state)
       except Exception as e:  # pylint: disable=broad-except  # any unreadable step is skipped, never trusted
         msg = f"step {step}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        logging.warning("checkpoint unreadable, falling back to an older one (%s)", msg)
+        logging.info("checkpoint unreadable, falling back to an older one (%s)", msg)
         errors.append(msg if len(msg) <= 160 else msg[:157] + "...")
         bad_steps.append(step)
         continue

@@ -20,16 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from simjax import storage
+
 
 class NonFiniteError(RuntimeError):
   pass
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step to workdir/metrics.jsonl (process 0 only)."""
+  """One JSON object per logged step in workdir/metrics.jsonl (process 0 only), through `storage.TextLog`:
+  appended locally, rewritten whole on an object store at `sync()` (before every checkpoint)."""
 
   def __init__(self, workdir, filename="metrics.jsonl"):
-    self.path = epath.Path(workdir) / filename
+    self.log = storage.TextLog(epath.Path(workdir) / filename)
+    self.path = self.log.path
     self.enabled = jax.process_index() == 0
 
   def write(self, step: int, metrics: dict):
@@ -37,15 +41,18 @@ class MetricWriter:
       return
     row = {"step": int(step)}
     row.update({k: _to_json(v) for k, v in metrics.items()})
-    with self.path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
+    self.log.append(json.dumps(row) + "\n")
+
+  def sync(self):
+    if self.enabled:
+      self.log.sync()
 
   def truncate_after(self, step: int):
     """Drops rows past `step` (left by a run killed after logging but before its next checkpoint),
     so a resumed run's log equals an uninterrupted one."""
     if not self.enabled or not self.path.exists():
       return
-    text = self.path.read_text()
+    text = self.log.read()
     kept = []
     for l in text.splitlines():
       try:
@@ -55,9 +62,7 @@ class MetricWriter:
         break  # a torn last line from a kill mid-write
     new_text = "".join(l + "\n" for l in kept)
     if new_text != text:  # rewritten atomically: a kill here must not lose the rows we keep
-      tmp = self.path.parent / (self.path.name + ".tmp")
-      tmp.write_text(new_text)
-      tmp.replace(self.path)
+      self.log.replace(new_text)
 
 
 def _to_json(v):
@@ -211,6 +216,7 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
 
   def check_finite(at_step: int, longest_streak: int):
     if longest_streak >= max_nonfinite_streak:
+      writer.sync()
       checkpointer.wait()  # let the last good save finish before naming it
       last = checkpointer.latest_step()
       raise NonFiniteError(
@@ -247,6 +253,7 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
   def stop_for_preemption(s):
     flush()
     check_finite(step, int(jax.device_get(longest_streak(s))))
+    writer.sync()
     checkpointer.save(step, s, force=True)  # a no-op if this step was just checkpointed
     checkpointer.wait()
     logging.warning("%s: preempted at step %d; checkpoint saved", stage, step)
@@ -285,6 +292,7 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
       if step % checkpointer.interval == 0 or step == num_steps:
         flush()  # never checkpoint past an unnoticed non-finite stop
         check_finite(step, int(jax.device_get(longest_streak(state))))  # the save waits for this step anyway
+        writer.sync()  # the log up to this step is durable before its checkpoint starts
         checkpointer.save(step, state, force=True)
       for every, hook in hooks:
         if every and step % every == 0:
@@ -292,6 +300,7 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
       if preempt.requested or checkpointer.reached_preemption(step):
         return stop_for_preemption(state)
     flush()
+    writer.sync()
     checkpointer.wait()
     if preempt.requested:  # signalled while the last save finished: stop before evaluation
       return stop_for_preemption(state)

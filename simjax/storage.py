@@ -1,0 +1,177 @@
+"""Where a run's files live, a local directory or an object store (gs://), and how each is written safely.
+
+A local workdir is resolved once to an absolute path: orbax refuses relative checkpoint paths, and a
+run that changes directory must not write elsewhere. Object stores have neither append nor rename,
+but writing one object is atomic: every file is written whole (`atomic_write_bytes`), and append-only
+logs are kept in memory and rewritten whole (`TextLog`).
+"""
+import errno
+import fcntl
+import os
+import re
+import time
+
+from etils import epath
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+LOCK_NAME = ".simjax.lock"
+
+
+class StorageError(ValueError):
+  """Bad input about where files go: main turns it into exit 2 and one line."""
+
+
+def is_remote(path) -> bool:
+  return bool(_SCHEME.match(str(path)))
+
+
+def resolve_workdir(raw) -> str:
+  """The workdir as every writer will see it: absolute for local paths, unchanged for gs://."""
+  text = (raw or "").strip()
+  if not text:
+    raise StorageError("--workdir is empty (it would mean the current directory); pass a directory of its own, "
+                       "e.g. --workdir=workdirs/digits.")
+  match = _SCHEME.match(text)
+  if not match:
+    return os.path.abspath(os.path.expanduser(text))
+  if match.group(1).lower() != "gs":
+    raise StorageError(f"--workdir={raw}: {match.group(1)}:// is not supported; use a local directory or gs://BUCKET/PATH.")
+  if text.rstrip("/") == "gs:" or len(text.rstrip("/")) <= len("gs://"):
+    raise StorageError(f"--workdir={raw} names no bucket; pass gs://BUCKET/PATH.")
+  try:
+    import gcsfs  # pylint: disable=import-outside-toplevel,unused-import  # epath's gs:// backend
+  except ImportError:
+    raise StorageError(f"--workdir={raw} needs gcsfs for gs:// paths; install it with pip install 'simjax[gcs]' "
+                       "(or pip install gcsfs), then rerun.") from None
+  return text.rstrip("/")
+
+
+def check_local_writable(path: str):
+  """Raises StorageError if a run could not create and write `path` (checked before anything is written)."""
+  if is_remote(path):
+    return
+  probe = path
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if probe == path and os.path.isfile(path):
+    raise StorageError(f"--workdir={path} is a file, not a directory; point --workdir at a directory.")
+  if not os.path.isdir(probe):
+    raise StorageError(f"--workdir={path} cannot be created: {probe} is a file; point --workdir at a directory.")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    why = "is on a read-only filesystem" if _read_only(probe) else "is not writable by this user"
+    raise StorageError(f"--workdir={path} cannot be written: {probe} {why}; choose a writable --workdir.")
+
+
+def _read_only(path: str) -> bool:
+  try:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+  except OSError:
+    return False
+
+
+def atomic_write_bytes(path, data: bytes):
+  """Writes `path` so a reader never sees part of it: one object on a store, temp file + rename locally."""
+  path = epath.Path(path)
+  if is_remote(path):
+    path.write_bytes(data)  # a single object write is atomic on GCS
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(data)
+  tmp.replace(path)
+
+
+def append_line(path, line: str):
+  """Appends one line to a text file (rare writes: on an object store the whole file is rewritten)."""
+  path = epath.Path(path)
+  if is_remote(path):
+    old = path.read_bytes() if path.exists() else b""
+    path.write_bytes(old + line.encode())
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("a") as f:
+    f.write(line)
+
+
+class TextLog:
+  """An append-only text file (metrics.jsonl): appended in place locally; on an object store the lines
+  are held in memory and the file is rewritten whole at `sync()` (and at most every `sync_seconds`)."""
+
+  def __init__(self, path, sync_seconds: float = 30.0):
+    self.path = epath.Path(path)
+    self.remote = is_remote(self.path)
+    self.sync_seconds = sync_seconds
+    self._text = None  # remote only: the whole file as last synced plus new lines
+    self._dirty = False
+    self._last_sync = time.monotonic()
+
+  def read(self) -> str:
+    if self._text is not None:
+      return self._text
+    return self.path.read_bytes().decode() if self.path.exists() else ""
+
+  def append(self, line: str):
+    if not self.remote:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      with self.path.open("a") as f:
+        f.write(line)
+      return
+    if self._text is None:
+      self._text = self.read()
+    self._text += line
+    self._dirty = True
+    if time.monotonic() - self._last_sync > self.sync_seconds:
+      self.sync()
+
+  def replace(self, text: str):
+    """Rewrites the whole file atomically (e.g. cut back to a restored step)."""
+    atomic_write_bytes(self.path, text.encode())
+    if self.remote:
+      self._text, self._dirty = text, False
+
+  def sync(self):
+    """Makes every appended line durable (a no-op locally, where appends already are)."""
+    if self.remote and self._dirty:
+      atomic_write_bytes(self.path, self._text.encode())
+      self._dirty = False
+    self._last_sync = time.monotonic()
+
+
+class WorkdirLock:
+  """An exclusive lock on a local workdir for the life of this process (flock: a killed run's lock goes
+  with it). Object stores offer no such lock; one run per gs:// workdir is the user's to keep."""
+
+  def __init__(self):
+    self._fd = None
+
+  def acquire(self, workdir: str):
+    if is_remote(workdir) or self._fd is not None:
+      return
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise StorageError(f"--workdir={workdir} cannot be written ({e.strerror}); choose a writable --workdir.") from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise StorageError(f"another simjax run is using --workdir={workdir}; wait for it to finish, stop it, or "
+                           "use another --workdir.") from None
+      raise StorageError(f"--workdir={workdir} cannot be locked ({e.strerror}); use a local --workdir that "
+                         "supports file locks.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    self._fd = fd
+
+  def release(self):
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+
+LOCK = WorkdirLock()
