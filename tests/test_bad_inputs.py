@@ -137,6 +137,8 @@ CASES = [
     Case("empty_workdir_with_overwrite", [ABS_CONFIG, "--workdir=", "--overwrite"], "--workdir is empty",
          setup=foreign_files, in_workdir=True),
     Case("workdir_under_a_file", [CONFIG, "--workdir={workdir}/run"], "is a file", setup=a_file),
+    # A directory no user may write into, root included (tests often run as root, whom mode bits do not stop).
+    Case("unwritable_workdir", [CONFIG, "--workdir=/proc/1/simjax_run"], "is not writable"),
     Case("metrics_log_not_utf8", [CONFIG, "--workdir={workdir}"], "not UTF-8",
          setup=same_run_with("metrics.jsonl", b'{"step": 1}\n\xff\xfe\x00garbage\n')),
     Case("config_json_not_an_object", [CONFIG, "--workdir={workdir}"], "not an object",
