@@ -56,8 +56,6 @@ def check_local_writable(path: str):
     if parent == probe:
       break
     probe = parent
-  if probe == path and os.path.isfile(path):
-    raise StorageError(f"--workdir={path} is a file, not a directory; point --workdir at a directory.")
   if not os.path.isdir(probe):
     raise StorageError(f"--workdir={path} cannot be created: {probe} is a file; point --workdir at a directory.")
   if not os.access(probe, os.W_OK | os.X_OK):
@@ -85,15 +83,10 @@ def atomic_write_bytes(path, data: bytes):
 
 
 def append_line(path, line: str):
-  """Appends one line to a text file (rare writes: on an object store the whole file is rewritten)."""
-  path = epath.Path(path)
-  if is_remote(path):
-    old = path.read_bytes() if path.exists() else b""
-    path.write_bytes(old + line.encode())
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("a") as f:
-    f.write(line)
+  """Appends one line to a text file now (rare writes: on an object store the whole file is rewritten)."""
+  log = TextLog(path)
+  log.append(line)
+  log.sync()
 
 
 class TextLog:
@@ -166,12 +159,7 @@ class WorkdirLock:
                          "supports file locks.") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    self._fd = fd
-
-  def release(self):
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
+    self._fd = fd  # held until the process exits
 
 
 LOCK = WorkdirLock()

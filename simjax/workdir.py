@@ -83,10 +83,10 @@ def prepare(workdir: str, config, *, overwrite: bool = False, require_run: bool 
   `overwrite` never clears a directory without simjax's markers. `require_run` (eval, sample) refuses a
   workdir without checkpoints.
   """
-  storage.check_local_writable(workdir)
   path = epath.Path(workdir)
   if path.exists() and not path.is_dir():
     raise WorkdirError(f"--workdir={workdir} is a file, not a directory; point --workdir at a directory.")
+  storage.check_local_writable(workdir)
   if require_run and not has_checkpoint(path):
     raise WorkdirError(f"no checkpoint in {workdir} to evaluate or sample from; train first "
                        "(--mode=train_and_eval) or point --workdir at a finished run.")
