@@ -46,6 +46,7 @@ def get_config(arg=None):
 
   # The SIM generator loss (DESIGN.md section 1).
   c.loss = ml_collections.ConfigDict()
+  c.loss.name = "sim"                 # the generator loss (simjax/losses/generator.py LOSSES)
   c.loss.distance = "pseudo_huber"   # or "l2"
   c.loss.huber_c = 0.1              # pseudo-Huber c, in model units (per-sample norm of D_p - D_psi)
   c.loss.normalize = True           # divide by sg(mean |x0 - D_p(x_t)|) (DMD/SiD weight)

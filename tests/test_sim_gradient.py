@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simjax.losses import generator as generator_losses
 from simjax.losses import sim
 from simjax.teachers import gmm
 
@@ -108,8 +109,9 @@ def test_sim_l2_equals_sid_alpha_one():
   generate = lambda p: d(p, 2.5 * z, jnp.full((64,), 2.5))
 
   def sim_loss(p):
-    return sim.sim_generator_loss(p, fake_p, teacher_p, generate=generate, teacher_denoise=d, fake_denoise=d,
-                                  eps=eps, sigma=sigma, distance=sim.squared_l2(), normalize=True)[0]
+    return generator_losses.generator_loss(p, fake_p, teacher_p, generate=generate, teacher_denoise=d, fake_denoise=d,
+                                          eps=eps, sigma=sigma, per_sample_loss=generator_losses.sim_per_sample(sim.squared_l2()),
+                                          normalize=True)[0]
 
   def sid_loss(p):  # written from SiD's paper (Zhou et al. 2024, Eq. 23 at alpha = 1)
     x_g = generate(p)
@@ -132,8 +134,9 @@ def test_fake_params_get_no_gradient():
   eps = jax.random.normal(jax.random.key(2), (32, 2))
   sigma = jnp.full((32,), 0.5)
   def loss(psi, theta):
-    return sim.sim_generator_loss(theta, psi, {}, generate=lambda t: t["m"] + z * t["s"], teacher_denoise=teacher,
-                                  fake_denoise=fake, eps=eps, sigma=sigma, distance=sim.pseudo_huber(0.1))[0]
+    return generator_losses.generator_loss(
+        theta, psi, {}, generate=lambda t: t["m"] + z * t["s"], teacher_denoise=teacher, fake_denoise=fake, eps=eps,
+        sigma=sigma, per_sample_loss=generator_losses.sim_per_sample(sim.pseudo_huber(0.1)))[0]
   psi, theta = {"a": jnp.array(0.7)}, {"m": jnp.array([0.1, 0.0]), "s": jnp.array(0.8)}
   assert float(jax.grad(loss)(psi, theta)["a"]) == 0.0
   assert float(jnp.abs(jax.grad(loss, argnums=1)(psi, theta)["s"])) > 0.0
@@ -166,3 +169,24 @@ def test_huber_constant_is_per_dimension_unless_given_absolutely():
   assert sim.huber_constant(absolute, 64) == 0.7
   y = jnp.ones((2, 64))  # ||y|| = 8: d'(y) = y / sqrt(64 + c^2) with c = 0.4
   np.testing.assert_allclose(sim.get_distance(per_dim, 64).derivative(y), y / np.sqrt(64 + 0.16), rtol=1e-6)
+
+
+def test_generator_losses_are_a_registry_selected_by_name():
+  """loss.name picks the per-sample loss (default 'sim'); an unknown name is one line naming the choices;
+  a registered function is all a new loss needs."""
+  import ml_collections
+  from simjax.errors import UserError
+  cfg = ml_collections.ConfigDict({"distance": "l2", "huber_c": 0.0, "huber_c_per_dim": 0.1})
+  x0, a, b = (jax.random.normal(jax.random.key(i), (4, 3)) for i in range(3))
+  sigma, weight = jnp.ones((4,)), jnp.full((4,), 2.0)
+  sim_default = generator_losses.get_generator_loss(cfg, 3)(x0, a, b, sigma, weight)
+  np.testing.assert_allclose(sim_default, 2.0 * jnp.sum(2.0 * (a - b) * (b - x0), axis=1), rtol=1e-6)
+  cfg.name = "no_such_loss"
+  with pytest.raises(UserError, match="loss.name to one of"):
+    generator_losses.get_generator_loss(cfg, 3)
+  generator_losses.register("no_such_loss")(lambda c, d: lambda x0, a, b, s, w: w * jnp.sum((a - b) ** 2, axis=1))
+  try:
+    got = generator_losses.get_generator_loss(cfg, 3)(x0, a, b, sigma, weight)
+    np.testing.assert_allclose(got, 2.0 * jnp.sum((a - b) ** 2, axis=1), rtol=1e-6)
+  finally:
+    del generator_losses.LOSSES["no_such_loss"]

@@ -110,34 +110,3 @@ def sim_surrogate(x0, denoised_teacher, denoised_fake, distance: Distance, *, no
   if normalize:
     per_sample = per_sample * dmd_normalizer(x0, denoised_teacher, normalize_floor)
   return per_sample
-
-
-def sim_generator_loss(gen_params, fake_params, teacher_params, *, generate, teacher_denoise=None, fake_denoise=None,
-                       eps, sigma, distance: Distance, normalize: bool = True, normalize_floor: float = 1e-5,
-                       denoise_pair=None):
-  """Mean SIM surrogate over a batch; `jax.grad` of it w.r.t. gen_params is SIM's generator gradient.
-
-  Args:
-    gen_params: generator parameters (differentiated).
-    fake_params: fake-score parameters; stop-gradient is applied here, and only here.
-    teacher_params: frozen teacher parameters.
-    generate: gen_params -> x0 [N, ...] (the generator's one-step samples, its noise closed over).
-    teacher_denoise, fake_denoise: (params, x_t, sigma) -> D(x_t, sigma).
-    denoise_pair: instead of the two, (teacher_params, fake_params, x_t, sigma) -> (D_teacher, D_fake)
-      from one call (both see the same x_t).
-    eps: diffusion noise, x0's shape; sigma: per-sample noise levels [N].
-  Returns:
-    (loss, aux) with aux holding x0 and the per-sample surrogate.
-  """
-  fake_params = jax.lax.stop_gradient(fake_params)
-  teacher_params = jax.lax.stop_gradient(teacher_params)
-  x0 = generate(gen_params)
-  s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
-  x_t = x0 + s * eps
-  if denoise_pair is not None:
-    d_teacher, d_fake = denoise_pair(teacher_params, fake_params, x_t, sigma)
-  else:
-    d_teacher = teacher_denoise(teacher_params, x_t, sigma)
-    d_fake = fake_denoise(fake_params, x_t, sigma)
-  per_sample = sim_surrogate(x0, d_teacher, d_fake, distance, normalize=normalize, normalize_floor=normalize_floor)
-  return jnp.mean(per_sample), {"x0": x0, "per_sample": per_sample}

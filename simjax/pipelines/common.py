@@ -90,9 +90,9 @@ def validate_common(config, data_dim: int = 1):
       state_lib.make_optimizer(config.optim[name])
     except ValueError as e:  # name the optimizer and the flag to fix
       raise ValueError(f"optim.{name}: {str(e).rstrip('.')} (--config.optim.{name}.*).") from None
-  from simjax.losses import sim  # pylint: disable=import-outside-toplevel
+  from simjax.losses import generator as generator_losses  # pylint: disable=import-outside-toplevel
   from simjax.training import sim_steps  # pylint: disable=import-outside-toplevel
-  sim.get_distance(config.loss, data_dim)
+  generator_losses.get_generator_loss(config.loss, data_dim)
   sim_steps.loss_scales(config)
   perf_lib.resolve(config)
   mesh = mesh_lib.make_mesh(config.mesh_shape)

@@ -55,6 +55,7 @@ def base_config():
   c.sigma_init = 2.5                  # generator input sigma_init * z at sigma_init; stored with the generator
 
   c.loss = ml_collections.ConfigDict()
+  c.loss.name = "sim"                 # the generator loss (simjax/losses/generator.py LOSSES)
   c.loss.distance = "pseudo_huber"    # or "l2"
   # pseudo-Huber c = huber_c_per_dim * sqrt(D), data units ([-1, 1] pixels); 0.3 is the best of the digits
   # sweep (0.01, 0.1, 0.3, 1; README), carried to every image config per dimension.

@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from simjax.data import augment as augment_lib
 from simjax.diffusion import edm
-from simjax.losses import dsm, sim
+from simjax.losses import dsm
+from simjax.losses import generator as generator_losses
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import perf as perf_lib
 from simjax.training import state as state_lib
@@ -73,7 +74,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   gen_nets = perf_lib.configure_networks(nets, opts)
   if opts.fuse_teacher_fake:
     perf_lib.check_fusable(gen_nets)
-  distance = sim.get_distance(config.loss, math.prod(nets.data_shape))
+  per_sample_loss = generator_losses.get_generator_loss(config.loss, math.prod(nets.data_shape))
   # SiD's loss scaling (--lsg 100, --ls 1): gradients reach Adam multiplied by these; losses and gradient
   # norms are reported unscaled.
   gen_scale, fake_scale = loss_scales(config)
@@ -120,9 +121,9 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
 
     def loss_fn(gp_local):
       gp = mesh_lib.gather_params(gp_local, specs["generator"])
-      loss, aux = sim.sim_generator_loss(
+      loss, aux = generator_losses.generator_loss(
           gp, fake_full, consts["teacher"], generate=generate, teacher_denoise=teacher_denoise,
-          fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma, distance=distance,
+          fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma, per_sample_loss=per_sample_loss,
           normalize=bool(config.loss.normalize), normalize_floor=float(config.loss.normalize_floor))
       return gen_scale * loss, aux
 
