@@ -12,7 +12,7 @@ setup(
     description="Score Implicit Matching (SIM) distillation of diffusion models into one-step generators, in JAX/Flax.",
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10,<3.13",
+    python_requires=">=3.11,<3.13",
     packages=find_packages(include=["simjax", "simjax.*"]),
     # Ranges are the ones tested together (see README); upper bounds guard against API breaks.
     install_requires=[
@@ -24,12 +24,12 @@ setup(
         "chex>=0.1.92,<0.2",
         "ml_collections>=1.1.0,<1.2",
         "tensorflow-datasets>=4.9.10,<4.10",
-        "importlib_resources>=6.0",
-        "grain>=0.2.18,<0.3",
         "absl-py>=2.5.1,<3",
         "etils[epath]>=1.15",
         "numpy>=2.0,<3",
         "pillow>=10.0",
+        # TensorBoard event files (writing only; the viewer is `pip install tensorboard`).
+        "tensorboardX>=2.6.4,<2.7",
         # The embedded default trains on the 8x8 digits that ship inside scikit-learn.
         "scikit-learn>=1.5,<2",
         "scipy>=1.11",  # sqrtm for Frechet distances
@@ -39,7 +39,5 @@ setup(
         "test": ["pytest>=8.0", "torch>=2.13,<2.15", "gcsfs>=2024.2"],
         # gs:// workdirs: etils' object-store backend (checkpoints go through orbax/tensorstore directly).
         "gcs": ["gcsfs>=2024.2"],
-        # Only for reading PyTorch files (EDM pickles, .pt state dicts, Inception .pth).
-        "convert": ["torch>=2.13,<2.15"],
     },
 )

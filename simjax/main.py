@@ -105,7 +105,7 @@ def main(argv):
   jax.config.update("jax_threefry_partitionable", True)
   from simjax.compile_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
   enable_compilation_cache()
-  from simjax import pipelines, storage, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from simjax import pipelines, storage, tensorboard, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import checkpoint as ckpt_lib, loop as loop_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import perf as perf_lib  # pylint: disable=import-outside-toplevel
@@ -136,7 +136,10 @@ def main(argv):
             f"{workdir}; {jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} "
             "process(es)", flush=True)
     try:
-      status = pipeline.run(config, workdir, _MODE.value)
+      try:
+        status = pipeline.run(config, workdir, _MODE.value)
+      finally:
+        tensorboard.close_all()  # the events are flushed (and on gs:// copied) on every way out
       workdir_lib.write_pending_records(workdir)  # a mode that read no checkpoint back (its stages were done)
     except (UserError, FileNotFoundError) as e:
       fail(_one_line(e))

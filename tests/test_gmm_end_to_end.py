@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from tensorboard_events import scalars_and_images
 
 SMALL = ["--config.num_steps={steps}", "--config.init.copy_steps=300", "--config.model.hidden=64",
          "--config.model.num_blocks=2", "--config.batch_size=128", "--config.log_every=50",
@@ -51,6 +52,11 @@ def test_main_run_improves_and_resumes(tmp_path):
   assert "[init]" not in proc.stdout  # resumed: no warm start again
   for key in ("fake_loss", "gen_loss", "fake_grad_norm", "gen_grad_norm", "steps_per_sec"):
     assert key in rows[-1]
+  assert {r["stage"] for r in rows} == {"sim"}
+  # TensorBoard shows the same numbers as metrics.jsonl (across the resume), and the eval's scatter plot.
+  scalars, images = scalars_and_images(wd / "tensorboard" / "sim")
+  assert {step: pytest.approx(v) for step, v in scalars["gen_loss"].items()} == {r["step"]: r["gen_loss"] for r in rows}
+  assert images["samples/scatter"] == [1, 400] and 400 in scalars["eval/generator_sliced_w2"]
 
   for name in ("generator", "teacher"):
     with np.load(wd / "samples" / f"{name}.npz") as f:

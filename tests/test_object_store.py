@@ -20,7 +20,7 @@ TINY = ["--config=configs/gmm2d.py", "--config.init.copy_steps=10", "--config.mo
         "--config.model.num_blocks=1", "--config.model.emb_features=16", "--config.batch_size=16",
         "--config.log_every=5", "--config.checkpoint_every=10", "--config.keep_checkpoints=2",
         "--config.eval.num_samples=500", "--config.eval.teacher_steps=4"]
-WALL_CLOCK = {"steps_per_sec"}
+WALL_CLOCK = {"steps_per_sec", "time"}
 
 
 def run(workdir, num_steps, env, *extra):
@@ -49,6 +49,7 @@ def test_gmm2d_in_a_gs_workdir_runs_resumes_and_overwrites(tmp_path):
                  "samples/teacher.npz", "checkpoints/20/commit_success.txt"):
       assert name in stored, f"{name} missing from the store: {sorted(stored)[:40]}"
     assert [r["step"] for r in rows(stored["metrics.jsonl"].decode())] == [5, 10, 15, 20]
+    assert any(name.startswith("tensorboard/sim/events.out.tfevents.") for name in stored), sorted(stored)[:40]
     assert json.loads(stored["eval/final.json"])["generator"]["nfe"] == 1
     assert f"results in {wd}/eval/final.json" in first.stdout
 

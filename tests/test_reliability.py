@@ -32,7 +32,7 @@ TINY = ["--config=configs/gmm2d.py", "--mode=train", "--config.init.copy_steps=1
         "--config.model.num_blocks=1", "--config.model.emb_features=16", "--config.batch_size=16",
         "--config.log_every=5", "--config.checkpoint_every=5", "--config.keep_checkpoints=2"]
 NUM_STEPS = 100
-WALL_CLOCK_FIELDS = {"steps_per_sec"}
+WALL_CLOCK_FIELDS = {"steps_per_sec", "time"}
 
 
 @pytest.fixture(scope="module")

@@ -190,3 +190,24 @@ def test_generator_losses_are_a_registry_selected_by_name():
     np.testing.assert_allclose(got, 2.0 * jnp.sum((a - b) ** 2, axis=1), rtol=1e-6)
   finally:
     del generator_losses.LOSSES["no_such_loss"]
+
+
+def test_generator_loss_checks_shapes_at_its_boundary():
+  """chex at the loss boundary: noise of the wrong shape, per-sample sigma of the wrong length, and a
+  per-sample loss that is not [N] are refused where they enter, not broadcast into a wrong number."""
+  import ml_collections
+  cfg = ml_collections.ConfigDict({"distance": "l2", "huber_c": 0.0, "huber_c_per_dim": 0.1})
+  per_sample = generator_losses.get_generator_loss(cfg, 3)
+  x0 = jax.random.normal(jax.random.key(0), (4, 3))
+  denoise = lambda p, x, s: p * x
+  kwargs = dict(generate=lambda g: g * x0, per_sample_loss=per_sample, teacher_denoise=denoise,
+                fake_denoise=denoise, normalize=False)
+  good = generator_losses.generator_loss(1.0, 0.5, 0.9, eps=jnp.ones((4, 3)), sigma=jnp.ones((4,)), **kwargs)
+  assert np.isfinite(float(good[0]))
+  with pytest.raises(AssertionError):
+    generator_losses.generator_loss(1.0, 0.5, 0.9, eps=jnp.ones((4, 1)), sigma=jnp.ones((4,)), **kwargs)
+  with pytest.raises(AssertionError):
+    generator_losses.generator_loss(1.0, 0.5, 0.9, eps=jnp.ones((4, 3)), sigma=jnp.ones((2,)), **kwargs)
+  kwargs["per_sample_loss"] = lambda x0, a, b, s, w: (a - b) ** 2  # [N, D], not [N]
+  with pytest.raises(AssertionError):
+    generator_losses.generator_loss(1.0, 0.5, 0.9, eps=jnp.ones((4, 3)), sigma=jnp.ones((4,)), **kwargs)

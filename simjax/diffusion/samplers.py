@@ -55,7 +55,7 @@ def edm_sample(denoise, latents, *, num_steps=18, sigma_min=edm.SIGMA_MIN, sigma
   solver: 'heun' (2nd order, deterministic when s_churn = 0) or 'euler'.
   s_churn > 0 adds EDM's stochastic churn (Algorithm 2) and needs `key`.
   The steps run in a `lax.fori_loop`: use inside jit. For convolutional networks on CPU prefer
-  `edm_sample_stepwise` (XLA:CPU runs convolutions inside while-loops far slower).
+  `make_stepwise_sampler` (XLA:CPU runs convolutions inside while-loops far slower).
   """
   _check(solver, s_churn, key)
   sigmas = edm.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
@@ -91,15 +91,7 @@ def make_stepwise_sampler(denoise_fn, *, num_steps=18, sigma_min=edm.SIGMA_MIN, 
   return sample
 
 
-def edm_sample_stepwise(denoise_fn, params, latents, *, key=None, **settings):
-  """One host-driven sampler run; see `make_stepwise_sampler` (use that to sample many batches)."""
-  return make_stepwise_sampler(denoise_fn, **settings)(params, latents, key)
-
-
 def heun_sample(denoise, latents, num_steps=18, **kwargs):
   """EDM's deterministic Heun sampler: 18 steps = 35 network evaluations by default."""
   return edm_sample(denoise, latents, num_steps=num_steps, solver="heun", **kwargs)
 
-
-def euler_sample(denoise, latents, num_steps=18, **kwargs):
-  return edm_sample(denoise, latents, num_steps=num_steps, solver="euler", **kwargs)

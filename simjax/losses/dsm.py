@@ -1,4 +1,5 @@
 """EDM denoising score matching (Karras et al. 2022, Sec. 5, Eq. 2 with lambda(sigma) of Table 1)."""
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -16,8 +17,12 @@ def dsm_loss(params, denoise, x0, sigma, eps, sigma_data=edm.SIGMA_DATA):
 
   Used for the fake score (on stop-gradient generator samples) and for teacher training (on data).
   """
+  chex.assert_equal_shape([x0, eps])
+  chex.assert_shape(sigma, x0.shape[:1])
   x_t = x0 + edm.expand_to(sigma, x0) * eps
-  return jnp.mean(edm_dsm_loss(denoise(params, x_t, sigma), x0, sigma, sigma_data))
+  denoised = denoise(params, x_t, sigma)
+  chex.assert_equal_shape([denoised, x0])
+  return jnp.mean(edm_dsm_loss(denoised, x0, sigma, sigma_data))
 
 
 def draw_dsm_noise(key, x0_shape, p_mean=-1.2, p_std=1.2):

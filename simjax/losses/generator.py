@@ -11,6 +11,7 @@ one function registered here with `register`.
 """
 from typing import Callable, Dict
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -73,6 +74,8 @@ def generator_loss(gen_params, fake_params, teacher_params, *, generate, per_sam
   fake_params = jax.lax.stop_gradient(fake_params)
   teacher_params = jax.lax.stop_gradient(teacher_params)
   x0 = generate(gen_params)
+  chex.assert_equal_shape([x0, eps])
+  chex.assert_shape(sigma, x0.shape[:1])
   s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
   x_t = x0 + s * eps
   if denoise_pair is not None:
@@ -80,7 +83,9 @@ def generator_loss(gen_params, fake_params, teacher_params, *, generate, per_sam
   else:
     d_teacher = teacher_denoise(teacher_params, x_t, sigma)
     d_fake = fake_denoise(fake_params, x_t, sigma)
+  chex.assert_equal_shape([x0, d_teacher, d_fake])
   weight = (sim.dmd_normalizer(x0, d_teacher, normalize_floor) if normalize
             else jnp.ones(x0.shape[:1], jnp.float32))
   per_sample = per_sample_loss(x0, d_teacher, d_fake, sigma, weight)
+  chex.assert_shape(per_sample, x0.shape[:1])
   return jnp.mean(per_sample), {"x0": x0, "per_sample": per_sample}

@@ -13,6 +13,7 @@ training config) is accepted in its place. `use_fp16` is accepted and ignored (c
 import math
 from typing import Any, Mapping
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,7 @@ def _denoise(model, x, c_skip, c_out, c_in, c_noise, class_labels, augment_label
   model_dtype = getattr(model, "dtype", jnp.float32)
   f_x = model((expand_to(c_in, x) * x).astype(model_dtype), c_noise, class_labels=class_labels,
               augment_labels=augment_labels, train=train)
+  chex.assert_equal_shape([f_x, x])  # the raw network maps images to images of the same shape
   return expand_to(c_skip, x) * x + expand_to(c_out, x) * f_x.astype(jnp.float32)
 
 

@@ -11,11 +11,12 @@ from simjax.training import perf as perf_lib
 from simjax.training import state as state_lib
 
 
-def open_stage(config, workdir, stage: str = "checkpoints", metrics_file: str = "metrics.jsonl", interval=None):
-  """(Checkpointer, MetricWriter) for one stage, with the metrics log cut back to the checkpoint it resumes from."""
+def open_stage(config, workdir, stage: str = "checkpoints", metrics_file: str = "metrics.jsonl", interval=None,
+               name: str = "sim"):
+  """(Checkpointer, MetricWriter) for stage `name`, with the metrics log cut back to the checkpoint it resumes from."""
   checkpointer = ckpt_lib.Checkpointer(epath.Path(workdir) / stage, int(interval or config.checkpoint_every),
                                        int(config.keep_checkpoints))
-  writer = loop_lib.MetricWriter(workdir, metrics_file)
+  writer = loop_lib.MetricWriter(workdir, metrics_file, stage=name)
   latest = checkpointer.latest_step()
   writer.truncate_after(latest if latest is not None else 0)
   if latest is None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from simjax import tensorboard
 from simjax.diffusion import edm, samplers
 from simjax.eval import metrics as metrics_lib
 from simjax.eval import report
@@ -233,9 +234,16 @@ def evaluate(config, workdir, setup, state, timings=None):
   report.write_samples(workdir, "teacher", teacher_x)
   report.write_samples(workdir, "reference", reference)
   if gen_x.shape[1] == 2:
-    report.write_png(f"{workdir}/samples/scatter.png", report.scatter_panels(
+    scatter = report.scatter_panels(
         [("generator (1 NFE)", gen_x), (f"teacher Heun ({results['teacher']['nfe']} NFE)", teacher_x),
-         ("truth", truth)]))
+         ("truth", truth)])
+    report.write_png(f"{workdir}/samples/scatter.png", scatter)
+    tensorboard.image(workdir, "sim", results["generator"]["step"], "samples/scatter", scatter)
+  board = tensorboard.for_stage(workdir, "sim")
+  if board is not None:
+    board.scalars(results["generator"]["step"], {f"eval/{source}_{k}": row[k] for source, row in results.items()
+                                                 for k in ("sliced_w2", "mmd", "off_mode_mass",
+                                                           "mode_mass_max_abs_error")})
   logging.info("eval: generator sliced_w2=%.4f teacher=%.4f floor=%.4f", results["generator"]["sliced_w2"],
                results["teacher"]["sliced_w2"], results["reference"]["sliced_w2"])
   if jax.process_index() == 0:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from simjax import tensorboard
 from simjax.errors import UserError
 from simjax.eval import report
 from simjax.networks import precond as precond_lib
@@ -155,7 +156,8 @@ def train_teacher(config, workdir, mesh):
     return {"denoiser": params}
 
   checkpointer, writer = common.open_stage(config, workdir, stage="teacher/checkpoints",
-                                           metrics_file="teacher/metrics.jsonl", interval=int(tt.checkpoint_every))
+                                           metrics_file="teacher/metrics.jsonl", interval=int(tt.checkpoint_every),
+                                           name="teacher")
   try:
     (teacher_dir(workdir)).mkdir(parents=True, exist_ok=True)
     state, shardings, specs = distill.setup_state(setup, config, mesh, checkpointer, init_fn=init_fn,
@@ -233,8 +235,9 @@ def grid_hook(config, workdir, setup):
 
   def hook(step, state):
     x = np.asarray(jax.device_get(gen(state.ema["generator"])))
-    report.write_png(epath.Path(workdir) / "samples" / f"grid_step{step:07d}.png",
-                     report.image_grid(x, int(config.grid_size), scale=_grid_scale(x)))
+    grid = report.image_grid(x, int(config.grid_size), scale=_grid_scale(x))
+    report.write_png(epath.Path(workdir) / "samples" / f"grid_step{step:07d}.png", grid)
+    tensorboard.image(workdir, "sim", step, "samples/generator_grid", grid)
   return hook
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from simjax import sampling, storage
+from simjax import sampling, storage, tensorboard
 from simjax.diffusion import samplers
 from simjax.errors import UserError
 from simjax.eval import fid as fid_lib
@@ -209,7 +209,11 @@ def evaluate(config, workdir, setup, state):
   gen_x, tea_x = np.clip(gen.x, -1.0, 1.0), np.clip(tea.x, -1.0, 1.0)
   report.write_samples(workdir, "generator", gen_x, gen.labels)
   report.write_samples(workdir, "teacher", tea_x, tea.labels)
-  write_side_by_side(workdir, tea_x, gen_x, results["teacher"]["nfe"])
+  write_side_by_side(workdir, tea_x, gen_x, results["teacher"]["nfe"], step=results["generator"]["step"])
+  board = tensorboard.for_stage(workdir, "sim")
+  if board is not None:
+    board.scalars(results["generator"]["step"], {f"eval/{source}_frechet_distance": row["frechet_distance"]
+                                                 for source, row in results.items()})
   say("eval: " + " | ".join(f"{k}: FD={v['frechet_distance']:.3f} nfe={v['nfe']}" for k, v in results.items()),
       flush=True)
   return results
@@ -237,12 +241,14 @@ def periodic_eval_hook(config, workdir, setup):
     row["step"] = int(step)
     if jax.process_index() == 0:
       storage.append_line(epath.Path(workdir) / "eval" / "periodic.jsonl", json.dumps(row) + "\n")
+      tensorboard.for_stage(workdir, "sim").scalars(step, {f"eval/periodic_{k}": v for k, v in row.items()
+                                                           if k != "step"})
       print(f"[eval] step {step}: generator FD={row['frechet_distance']:.3f} "
             f"({row['num_samples']} samples)", flush=True)
   return hook
 
 
-def write_side_by_side(workdir, teacher_x, gen_x, teacher_nfe, cols=10, rows=10):
+def write_side_by_side(workdir, teacher_x, gen_x, teacher_nfe, cols=10, rows=10, step=0):
   n = cols * rows
   scale = max(1, 96 // teacher_x.shape[1])
   left = report.image_grid(teacher_x[:n], cols, scale=scale)
@@ -257,6 +263,7 @@ def write_side_by_side(workdir, teacher_x, gen_x, teacher_nfe, cols=10, rows=10)
   report.write_png(epath.Path(workdir) / "samples" / "teacher_vs_generator.png", canvas)
   report.write_png(epath.Path(workdir) / "samples" / "generator.png", right)
   report.write_png(epath.Path(workdir) / "samples" / "teacher.png", left)
+  tensorboard.image(workdir, "sim", step, "samples/teacher_vs_generator", canvas)
 
 
 # ----------------------------------------------------------------------------------------------

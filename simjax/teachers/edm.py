@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simjax import torch_files
-from simjax.networks.precond import build_precond, count_params, param_shapes
+from simjax.networks.precond import build_precond, param_shapes
 from simjax.networks.songunet import resample_kernel_2d
 
 ARCH_FILE = "arch.json"
@@ -253,10 +253,6 @@ class Teacher:
   @property
   def img_channels(self) -> int:
     return self.module.img_channels
-
-  @property
-  def num_params(self) -> int:
-    return count_params(self.params)
 
   def denoise(self, x, sigma, class_labels=None, augment_labels=None):
     """D(x, sigma) for NHWC float32 x [N, R, R, C], sigma scalar or [N], one-hot class_labels [N, label_dim]."""

@@ -88,10 +88,6 @@ def train_sim(config, workdir, setup, checkpointer, writer, hooks=()):
   return state, status, specs
 
 
-def ema_generator_params(state):
-  return state.ema["generator"]
-
-
 def mesh_of(tree):
   """The mesh a pytree's arrays are laid out on, else the ('data', 'fsdp') mesh over every device."""
   for leaf in jax.tree.leaves(tree):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from simjax import storage
+from simjax import storage, tensorboard
 
 
 class NonFiniteError(RuntimeError):
@@ -29,28 +29,38 @@ class NonFiniteError(RuntimeError):
 
 class MetricWriter:
   """One JSON object per logged step in workdir/metrics.jsonl (process 0 only), through `storage.TextLog`:
-  appended locally, rewritten whole on an object store at `sync()` (before every checkpoint)."""
+  appended locally, rewritten whole on an object store at `sync()` (before every checkpoint). Every row
+  carries its `stage` and wall-clock `time` (Unix seconds); its numbers also go to TensorBoard
+  (workdir/tensorboard/<stage>/, simjax/tensorboard.py)."""
 
-  def __init__(self, workdir, filename="metrics.jsonl"):
+  def __init__(self, workdir, filename="metrics.jsonl", stage: str = "sim"):
     self.log = storage.TextLog(epath.Path(workdir) / filename)
     self.path = self.log.path
+    self.stage = stage
     self.enabled = jax.process_index() == 0
+    self.tensorboard = tensorboard.for_stage(workdir, stage) if self.enabled else None
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
-    row = {"step": int(step)}
+    now = time.time()
+    row = {"step": int(step), "stage": self.stage, "time": round(now, 3)}
     row.update({k: _to_json(v) for k, v in metrics.items()})
     self.log.append(json.dumps(row) + "\n")
+    self.tensorboard.scalars(step, {k: v for k, v in row.items() if k not in ("step", "time")}, walltime=now)
 
   def sync(self):
     if self.enabled:
       self.log.sync()
+      self.tensorboard.sync()
 
   def truncate_after(self, step: int):
     """Drops rows past `step` (left by a run killed after logging but before its next checkpoint),
-    so a resumed run's log equals an uninterrupted one."""
-    if not self.enabled or not self.path.exists():
+    so a resumed run's log equals an uninterrupted one (TensorBoard: a purge from step + 1)."""
+    if not self.enabled:
+      return
+    self.tensorboard.resume_at(step)
+    if not self.path.exists():
       return
     text = self.log.read()
     kept = []
