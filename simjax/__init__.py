@@ -15,4 +15,16 @@ def load_teacher(path, **kwargs):
   return _load_teacher(path, **kwargs)
 
 
-__all__ = ["__version__", "load_teacher"]
+def load_generator(path):
+  """The one-step generator an image run exported: `path` is the run's workdir or its generator/ folder.
+
+    gen = simjax.load_generator("workdirs/digits")
+    x = gen.sample(64, seed=0)          # [64, 8, 8, 1] float32 in [-1, 1]
+
+  See `simjax.exported.Generator.sample` (class-conditional generators take `cond`).
+  """
+  from simjax.exported import load_generator as _load_generator  # pylint: disable=import-outside-toplevel
+  return _load_generator(path)
+
+
+__all__ = ["__version__", "load_generator", "load_teacher"]

@@ -116,13 +116,16 @@ def _progress_points(num_batches: int, every: int):
 
 
 def sample(batch_fn: Callable, params, *, num: int, batch_size: int, seed: int, data_shape, label_dim: int, mesh,
-           describe: str = "", progress_every: int = 0, noise_fn: Optional[Callable] = None) -> Samples:
+           describe: str = "", progress_every: int = 0, noise_fn: Optional[Callable] = None,
+           labels: Optional[np.ndarray] = None) -> Samples:
   """`num` samples of `batch_fn(params, z, labels) -> x` in global batches of `batch_size`.
 
   batch_fn gets latents z ~ N(0, I) [B, *data_shape] and one-hot labels [B, L] (or None), both split
   over the mesh's batch axes, and returns x [B, ...] (any layout: it is brought back to the rows').
   Every process must call this (it ends in a collective). `describe` names the source in the
   progress lines process 0 prints; `noise_fn` lets a caller reuse a compiled `make_noise_fn`.
+  `labels` (one-hot [num, L], the same on every process) replaces the drawn labels; the latents stay
+  those of the seed, so the same seed with other labels varies only the condition.
   """
   check_batch_size(batch_size, mesh)
   if num < 1:
@@ -130,6 +133,13 @@ def sample(batch_fn: Callable, params, *, num: int, batch_size: int, seed: int, 
   noise_fn = noise_fn or make_noise_fn(batch_size, data_shape, label_dim, mesh)
   base = jax.random.key(seed)
   num_batches = -(-num // batch_size)
+  if labels is not None:
+    labels = np.asarray(labels, np.float32)
+    if not label_dim or labels.shape != (num, label_dim):
+      raise UserError(f"labels of shape {labels.shape} for {num} samples of a generator with {label_dim} classes; "
+                      f"pass one-hot labels [{num}, {label_dim}]" + ("" if label_dim else " (or none: it is unconditional)") + ".")
+    padded = np.concatenate([labels, np.repeat(labels[-1:], num_batches * batch_size - num, axis=0)])
+    label_sharding = mesh_lib.batch_sharding(mesh, 2)
   report = jax.process_index() == 0 and bool(describe)
   points = _progress_points(num_batches, progress_every)
   xs, ls, rows = [], [], []
@@ -150,8 +160,11 @@ def sample(batch_fn: Callable, params, *, num: int, batch_size: int, seed: int, 
 
   pending = None
   for i in range(num_batches):
-    z, labels = noise_fn(jax.random.fold_in(base, i))
-    started = (i, batch_fn(params, z, labels), labels)
+    z, drawn = noise_fn(jax.random.fold_in(base, i))
+    if labels is not None:
+      rows_i = padded[i * batch_size:(i + 1) * batch_size]
+      drawn = jax.make_array_from_callback(rows_i.shape, label_sharding, lambda index, r=rows_i: r[index])
+    started = (i, batch_fn(params, z, drawn), drawn)
     if pending is not None:  # fetch the previous batch while this one computes
       collect(*pending)
     pending = started

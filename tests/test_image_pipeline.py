@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from tensorboard_events import scalars_and_images
 
 TINY = ["--config.teacher.arch.model_channels=16", "--config.teacher.arch.num_blocks=1",
         "--config.teacher.arch.attn_resolutions=()", "--config.teacher_train.num_steps=300",
@@ -77,6 +78,14 @@ def test_contract_files(run):
   assert info["sigma_init"] == 2.5 and info["step"] == SIM_STEPS
   rows = read_jsonl(wd / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1] + list(range(20, SIM_STEPS + 1, 20))
+  # TensorBoard: both stages' numbers, the training grids and the final side-by-side.
+  teacher_scalars, _ = scalars_and_images(wd / "tensorboard" / "teacher")
+  assert sorted(teacher_scalars["loss"]) == list(range(50, 301, 50))
+  scalars, images = scalars_and_images(wd / "tensorboard" / "sim")
+  assert sorted(scalars["gen_loss"]) == [r["step"] for r in rows]
+  assert images["samples/generator_grid"] == list(range(40, SIM_STEPS + 1, 40))
+  assert images["samples/teacher_vs_generator"] == [1, SIM_STEPS]
+  assert SIM_STEPS in scalars["eval/generator_frechet_distance"]
 
 
 def test_generator_sampling_is_deterministic_given_the_seed(run):
@@ -89,6 +98,11 @@ def test_generator_sampling_is_deterministic_given_the_seed(run):
   np.testing.assert_array_equal(outs[0], outs[1])
   assert not np.array_equal(outs[0], outs[2])
   assert outs[0].shape == (64, 8, 8, 1)
+  # The Python API draws the same images as --mode=sample (same seed, same batch size: eval.batch_size=200).
+  import simjax
+  gen = simjax.load_generator(wd)
+  assert gen.step == SIM_STEPS and gen.data_shape == (8, 8, 1) and gen.label_dim == 0
+  np.testing.assert_allclose(gen.sample(64, seed=4, batch_size=200), outs[2], atol=1e-6)
 
 
 def test_teacher_sampler_is_deterministic(run):

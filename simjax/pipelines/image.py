@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from simjax import tensorboard
+from simjax import exported, tensorboard
 from simjax.errors import UserError
 from simjax.eval import report
 from simjax.networks import precond as precond_lib
@@ -218,7 +218,7 @@ def export_generator(workdir, setup, state, config):
     staged.rmtree()
   edm_teachers.save_converted(staged, dict(setup["arch"]), {"params": jax.device_get(state.ema["generator"])})
   info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step))}
-  report.write_json(staged / image_eval.GENERATOR_INFO, info)
+  report.write_json(staged / exported.INFO_FILE, info)
   if out.exists():  # a continued run replaces its earlier export
     out.rmtree()
   staged.rename(out)

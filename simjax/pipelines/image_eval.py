@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from simjax import sampling, storage, tensorboard
+from simjax import exported, sampling, storage, tensorboard
 from simjax.diffusion import samplers
 from simjax.errors import UserError
 from simjax.eval import fid as fid_lib
 from simjax.eval import report
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import distill
-from simjax.training.networks import Denoiser, DistillNetworks, split_variables
+from simjax.training.networks import DistillNetworks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,9 +269,6 @@ def write_side_by_side(workdir, teacher_x, gen_x, teacher_nfe, cols=10, rows=10,
 # ----------------------------------------------------------------------------------------------
 # --mode=sample
 
-GENERATOR_INFO = "generator.json"
-
-
 def sample_mode(config, workdir, mesh=None):
   """Generates config.sample.num images from a generator or teacher checkpoint into samples/.
 
@@ -284,26 +281,24 @@ def sample_mode(config, workdir, mesh=None):
   sampling.check_batch_size(batch, mesh)
   if source == "generator":
     path = path or wd / "generator"
-    if not (path / "arch.json").exists():
-      raise UserError(f"no exported generator at {path}; finish a run first or set --config.sample.checkpoint.")
-    info = json.loads((path / GENERATOR_INFO).read_text())
-    from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
-    teacher = image_pipeline.read_teacher(str(path))
-    params, extra = split_variables(teacher.params)
-    nets = DistillNetworks(generator=Denoiser(teacher.module), fake=None, teacher=None,
-                           data_shape=(teacher.img_resolution, teacher.img_resolution, teacher.img_channels),
-                           label_dim=teacher.label_dim, sigma_init=float(info["sigma_init"]))
-    out = distill.make_generator_sampler(nets, extra, batch, teacher.label_dim, mesh)(
-        sampling.replicate(params, mesh), num, seed, "sample: generator 1 NFE")
+    try:
+      generator = exported.load_generator(path)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # a user's files: any failure to read them is bad input
+      raise UserError(f"cannot read the exported generator at {path} ({type(e).__name__}); rerun the training "
+                      "or point --config.sample.checkpoint at a run's generator/ folder.") from None
+    x, labels = generator.sample(num, seed, batch_size=batch, return_labels=True, mesh=mesh,
+                                 describe="sample: generator 1 NFE")
   elif source == "teacher":
     from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
     path = path or image_pipeline.resolve_teacher_path(config, workdir)
     teacher = image_pipeline.read_teacher(str(path))
     out = make_teacher_sampler(teacher.module, config, mesh, teacher.label_dim)(teacher.params, num, seed, "sample")
+    x, labels = np.clip(out.x, -1.0, 1.0), out.labels
   else:
     raise UserError(f"unknown sample.source {source!r}; use 'generator' or 'teacher'.")
-  x = np.clip(out.x, -1.0, 1.0)
-  report.write_samples(workdir, f"sample_{source}", x, out.labels)
+  report.write_samples(workdir, f"sample_{source}", x, labels)
   report.write_png(wd / "samples" / f"sample_{source}.png",
                    report.image_grid(x[:100], 10, scale=max(1, 96 // x.shape[1])))
   if jax.process_index() == 0:

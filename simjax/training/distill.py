@@ -107,7 +107,7 @@ def make_generator_sampler(nets, gen_extra, batch: int, label_dim: int = 0, mesh
 
   built = {}
 
-  def sample(gen_params, num: int, seed: int, describe: str = ""):
+  def sample(gen_params, num: int, seed: int, describe: str = "", labels=None):
     if not built:
       m = mesh if mesh is not None else mesh_of(gen_params)
       sampling.check_batch_size(batch, m)
@@ -117,7 +117,7 @@ def make_generator_sampler(nets, gen_extra, batch: int, label_dim: int = 0, mesh
                        m, 1 + len(nets.data_shape))))
     return sampling.sample(built["fn"], (gen_params, built["extra"]), num=num, batch_size=batch, seed=seed,
                            data_shape=nets.data_shape, label_dim=label_dim, mesh=built["mesh"], describe=describe,
-                           noise_fn=built["noise"])
+                           noise_fn=built["noise"], labels=labels)
   return sample
 
 
