@@ -59,12 +59,12 @@ def build_case(case: str, batch: int, dtype: str = "float32"):
                 "fake": state_lib.make_optimizer(config.optim.fake)}
   if case == "gmm":
     from simjax.pipelines import gmm  # pylint: disable=import-outside-toplevel
-    setup = gmm.build(config)
-    nets = setup["nets"]
+    distillation, _ = gmm.build(config)
+    nets = distillation.nets
     mlp = nets.generator.module
     shapes = jax.eval_shape(lambda: mlp.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.ones((1,)))["params"])
     params = _random_like(shapes)
-    return config, nets, params, setup["consts"], optimizers
+    return config, nets, params, distillation.consts, optimizers
   if case == "cifar10":
     from simjax.networks import precond  # pylint: disable=import-outside-toplevel
     module = precond.build_precond(precond.edm_preset_arch("ddpmpp"), dtype=jnp.dtype(dtype))

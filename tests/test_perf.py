@@ -180,9 +180,9 @@ def test_training_loop_compiles_nothing_after_the_first_steps(setup, tmp_path):
   config.fake_warmup_steps = 2           # steps 0-1 compile the fake-only iteration, step 2 the full one
   config.grid_every, config.grid_size = 2, 2
   optimizers = {name: state_lib.make_optimizer(config.optim[name]) for name in ("generator", "fake")}
-  run_setup = dict(mesh=mesh_lib.make_mesh((1, 1), devices=jax.devices()[:1]), nets=setup["nets"],
-                   consts=setup["consts"], extra={}, optimizers=optimizers,
-                   init_fn=lambda: {"generator": setup["gen"], "fake": setup["fake"]})
+  run_setup = distill.Distillation(mesh=mesh_lib.make_mesh((1, 1), devices=jax.devices()[:1]), nets=setup["nets"],
+                                   consts=setup["consts"], optimizers=optimizers,
+                                   init_fn=lambda: {"generator": setup["gen"], "fake": setup["fake"]})
   checkpointer, writer = common.open_stage(config, tmp_path)
   seen = {}
   with LoweringCounter() as counter:

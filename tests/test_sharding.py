@@ -117,7 +117,7 @@ def _host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def _run_sim(config, setup, mesh, init_params, steps):
+def _run_sim(config, distillation, mesh, init_params, steps):
   """`steps` SIM iterations of the library's own step, jitted as distill.train_sim does."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -126,14 +126,14 @@ def _run_sim(config, setup, mesh, init_params, steps):
 
   min_size = int(config.fsdp_min_size)
   init_fn = lambda: {"generator": init_params, "fake": jax.tree.map(jnp.copy, init_params)}
-  specs, _ = distill.state_specs(jax.eval_shape(init_fn), mesh, setup["optimizers"], ("generator",), min_size)
+  specs, _ = distill.state_specs(jax.eval_shape(init_fn), mesh, distillation.optimizers, ("generator",), min_size)
   shardings = mesh_lib.specs_to_shardings(specs, mesh)
-  state = jax.jit(lambda: state_lib.new_state(init_fn(), setup["optimizers"], ("generator",)),
+  state = jax.jit(lambda: state_lib.new_state(init_fn(), distillation.optimizers, ("generator",)),
                   out_shardings=shardings)()
-  consts_specs = mesh_lib.param_specs(setup["consts"], mesh, min_size)
-  consts = jax.device_put(setup["consts"], mesh_lib.specs_to_shardings(consts_specs, mesh))
+  consts_specs = mesh_lib.param_specs(distillation.consts, mesh, min_size)
+  consts = jax.device_put(distillation.consts, mesh_lib.specs_to_shardings(consts_specs, mesh))
   step_specs = {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
-  iteration = sim_steps.make_sim_iteration(setup["nets"], config, mesh, step_specs, setup["optimizers"])
+  iteration = sim_steps.make_sim_iteration(distillation.nets, config, mesh, step_specs, distillation.optimizers)
   step = jax.jit(iteration, donate_argnums=0, out_shardings=(shardings, None))
   metrics = []
   for _ in range(steps):
@@ -185,10 +185,10 @@ def case_sim(meshes):
   from simjax.training import sim_steps  # pylint: disable=import-outside-toplevel
 
   config = _small_gmm_config()
-  setup = gmm.build(config)
-  mlp = setup["nets"].generator.module
+  distillation, _ = gmm.build(config)
+  mlp = distillation.nets.generator.module
   init_params = mlp.init(jax.random.key(1), jnp.zeros((1, 2)), jnp.ones((1,)))["params"]
-  runs = {"%dx%d" % shape: _run_sim(config, setup, _mesh_for(shape), init_params, STEPS)
+  runs = {"%dx%d" % shape: _run_sim(config, distillation, _mesh_for(shape), init_params, STEPS)
           for shape in _parse_meshes(meshes)}
   result = _summarize(runs, {"generator": init_params, "fake": init_params})
   result["steps"] = {k: r["step"] for k, r in runs.items()}
@@ -201,7 +201,7 @@ def case_sim(meshes):
     bad = _small_gmm_config()
     bad.batch_size = 12
     try:
-      sim_steps.make_sim_iteration(setup["nets"], bad, mesh, {}, setup["optimizers"])
+      sim_steps.make_sim_iteration(distillation.nets, bad, mesh, {}, distillation.optimizers)
       errors["%dx%d" % shape] = None
     except ValueError as e:
       errors["%dx%d" % shape] = str(e)
@@ -480,20 +480,20 @@ class GatedLoop:
 
     config = _small_gmm_config()
     config.model.hidden, config.model.emb_features, config.batch_size = 32, 16, 32
-    setup = gmm.build(config)
+    distillation, _ = gmm.build(config)
     mesh = mesh_lib.make_mesh((1, 1), jax.devices()[:1])
-    nets = setup["nets"]
+    nets = distillation.nets
     params = nets.generator.module.init(jax.random.key(1), jnp.zeros((1,) + nets.data_shape), jnp.ones((1,)))["params"]
     init_fn = lambda: {"generator": params, "fake": jax.tree.map(jnp.copy, params)}
-    specs, _ = distill.state_specs(jax.eval_shape(init_fn), mesh, setup["optimizers"], ("generator",),
+    specs, _ = distill.state_specs(jax.eval_shape(init_fn), mesh, distillation.optimizers, ("generator",),
                                    int(config.fsdp_min_size))
     shardings = mesh_lib.specs_to_shardings(specs, mesh)
-    self.init = jax.jit(lambda: state_lib.new_state(init_fn(), setup["optimizers"], ("generator",)),
+    self.init = jax.jit(lambda: state_lib.new_state(init_fn(), distillation.optimizers, ("generator",)),
                         out_shardings=shardings)
-    consts_specs = mesh_lib.param_specs(setup["consts"], mesh, int(config.fsdp_min_size))
-    self.consts = jax.device_put(setup["consts"], mesh_lib.specs_to_shardings(consts_specs, mesh))
+    consts_specs = mesh_lib.param_specs(distillation.consts, mesh, int(config.fsdp_min_size))
+    self.consts = jax.device_put(distillation.consts, mesh_lib.specs_to_shardings(consts_specs, mesh))
     step_specs = {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
-    self.step = jax.jit(sim_steps.make_sim_iteration(nets, config, mesh, step_specs, setup["optimizers"]),
+    self.step = jax.jit(sim_steps.make_sim_iteration(nets, config, mesh, step_specs, distillation.optimizers),
                         donate_argnums=0, out_shardings=(shardings, None))
     self.gate = _spin_gate()
     self.spin = jnp.int32(_calibrated_spin(self.gate, spin_seconds))

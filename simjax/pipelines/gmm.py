@@ -7,9 +7,11 @@ sampler and an independent true sample (the noise floor) against fresh true samp
 The mixture is standardised (mean 0, overall std sigma_data) before training so one set of
 defaults fits any mixture a user passes; samples are mapped back to the user's units for evaluation.
 """
+import dataclasses
+import functools
 import logging
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +56,16 @@ def standardize(mix: gmm.Mixture, sigma_data: float):
   return model_mix, t
 
 
-def build(config):
-  """Mesh, networks, teacher constants and the MLP used for generator and fake score."""
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """The analytic side of a gmm run: the mixture in data units, in model units, and the map between them."""
+  mix: gmm.Mixture
+  model_mix: gmm.Mixture
+  standardization: Standardization
+
+
+def build(config) -> Tuple[distill.Distillation, Problem]:
+  """The distillation (mesh, networks, teacher constants, the MLP's warm start) and its mixture."""
   mix = gmm.mixture_from_config(config.teacher)
   model_mix, standardization = standardize(mix, float(config.sigma_data))
   dim = int(model_mix.means.shape[1])
@@ -66,10 +76,33 @@ def build(config):
   nets = DistillNetworks(generator=Denoiser(mlp), fake=Denoiser(mlp),
                          teacher=Denoiser(gmm.GaussianMixtureDenoiser()), data_shape=(dim,), label_dim=0,
                          sigma_init=float(config.sigma_init))
-  return dict(mesh=mesh, nets=nets, mix=mix, model_mix=model_mix, standardization=standardization,
-              consts={"teacher": gmm.teacher_variables(model_mix), "generator": {}, "fake": {}},
-              optimizers={"generator": state_lib.make_optimizer(config.optim.generator),
-                          "fake": state_lib.make_optimizer(config.optim.fake)})
+  distillation = distill.Distillation(
+      mesh=mesh, nets=nets, init_fn=functools.partial(_warm_start, mlp, model_mix, config),
+      consts={"teacher": gmm.teacher_variables(model_mix), "generator": {}, "fake": {}},
+      optimizers={"generator": state_lib.make_optimizer(config.optim.generator),
+                  "fake": state_lib.make_optimizer(config.optim.fake)})
+  return distillation, Problem(mix=mix, model_mix=model_mix, standardization=standardization)
+
+
+def _warm_start(mlp, model_mix, config):
+  """Generator and fake score at step 0: the MLP fitted to the analytic teacher (or fresh, copy_steps = 0)."""
+  dim = int(model_mix.means.shape[1])
+  if int(config.init.copy_steps) > 0:
+    # setup_state also traces the warm start abstractly (eval_shape) for the shapes: report only the real fit.
+    traced = isinstance(jnp.zeros(()), jax.core.Tracer)
+    steps = int(config.init.copy_steps)
+    if not traced and jax.process_index() == 0:
+      print(f"[init] fitting the MLP to the analytic teacher: {steps} steps of batch {int(config.init.copy_batch)} "
+            "...", flush=True)
+    t_copy = time.time()
+    p, losses = fit_teacher_copy(mlp, model_mix, config)
+    if not traced and jax.process_index() == 0:
+      tail = float(np.mean(np.asarray(losses)[-max(1, steps // 20):]))
+      print(f"[init] fitted in {time.time() - t_copy:.0f}s: weighted denoiser error {float(losses[0]):.4g} -> "
+            f"{tail:.4g} (mean of the last 5% of steps); generator and fake score start from it", flush=True)
+  else:
+    p = mlp.init(jax.random.key(int(config.seed) + 1), jnp.zeros((1, dim)), jnp.ones((1,)))["params"]
+  return {"generator": p, "fake": jax.tree.map(jnp.copy, p)}
 
 
 def fit_teacher_copy(mlp, model_mix: gmm.Mixture, config):
@@ -146,58 +179,33 @@ def run(config, workdir, mode: str = "train_and_eval"):
 
 
 def _run(config, workdir, checkpointer, writer, mode):
-  setup = build(config)
-  nets, mesh = setup["nets"], setup["mesh"]
-  mlp = nets.generator.module
-  copy_info = {}
-
-  def init_fn():
-    if int(config.init.copy_steps) > 0:
-      # setup_state also traces init_fn abstractly (eval_shape) for the shapes: report only the real fit.
-      traced = isinstance(jnp.zeros(()), jax.core.Tracer)
-      steps = int(config.init.copy_steps)
-      if not traced and jax.process_index() == 0:
-        print(f"[init] fitting the MLP to the analytic teacher: {steps} steps of batch {int(config.init.copy_batch)} "
-              "...", flush=True)
-      t_copy = time.time()
-      p, losses = fit_teacher_copy(mlp, setup["model_mix"], config)
-      if not traced and jax.process_index() == 0:
-        tail = float(np.mean(np.asarray(losses)[-max(1, steps // 20):]))
-        print(f"[init] fitted in {time.time() - t_copy:.0f}s: weighted denoiser error {float(losses[0]):.4g} -> "
-              f"{tail:.4g} (mean of the last 5% of steps); generator and fake score start from it", flush=True)
-    else:
-      p = mlp.init(jax.random.key(int(config.seed) + 1), jnp.zeros((1,) + nets.data_shape), jnp.ones((1,)))["params"]
-      losses = jnp.zeros((1,))
-    copy_info["losses"] = losses
-    return {"generator": p, "fake": jax.tree.map(jnp.copy, p)}
-
-  setup["init_fn"] = init_fn
+  distillation, problem = build(config)
   t0 = time.time()
   status = "done"
   if mode in ("train", "train_and_eval"):
-    state, status, _ = distill.train_sim(config, workdir, setup, checkpointer, writer)
+    state, status, _ = distill.train_sim(config, workdir, distillation, checkpointer, writer)
   else:
     if not checkpointer.steps():
       raise UserError(f"no checkpoint in {workdir} to evaluate; run --mode=train_and_eval first.")
-    state, _, _ = distill.setup_state(setup, config, mesh, checkpointer, init_fn=init_fn, ema_names=("generator",))
+    state, _, _ = distill.restore_or_init(distillation, config, checkpointer)
   timings = {"train_seconds": time.time() - t0}
   if status != "done" or mode == "train":
     return status
-  evaluate(config, workdir, setup, state, timings)
+  evaluate(config, workdir, distillation, problem, state, timings)
   return status
 
 
-def evaluate(config, workdir, setup, state, timings=None):
+def evaluate(config, workdir, distillation: distill.Distillation, problem: Problem, state, timings=None):
   """Writes eval/final.json, samples/{generator,teacher,reference}.npz and (2-D) samples/scatter.png."""
   t0 = time.time()
-  nets, mix, std = setup["nets"], setup["mix"], setup["standardization"]
+  nets, mix, std = distillation.nets, problem.mix, problem.standardization
   n = int(config.eval.num_samples)
   seed = int(config.eval.seed)
   gen_model, _ = distill.generate_samples(nets, state.ema["generator"], {}, n, int(config.eval.batch_size), seed)
   gen_x = std.to_data(gen_model)
 
   teacher = jax.jit(lambda z: samplers.heun_sample(
-      lambda x, s: gmm.denoise(setup["model_mix"], x, s), z, num_steps=int(config.eval.teacher_steps),
+      lambda x, s: gmm.denoise(problem.model_mix, x, s), z, num_steps=int(config.eval.teacher_steps),
       sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max), rho=float(config.rho)))
   z = jax.random.normal(jax.random.key(seed + 1), (n,) + nets.data_shape, jnp.float32)
   teacher_x = std.to_data(np.asarray(teacher(z)))
@@ -208,7 +216,7 @@ def evaluate(config, workdir, setup, state, timings=None):
   weights = np.asarray(mix.weights).tolist()
   def measure(x, nfe):
     # Mode statistics are invariant under the standardisation: take them in model units, where float32 is safe.
-    mass, off = gmm.mode_statistics(setup["model_mix"], std.to_model(np.asarray(x, np.float64)).astype(np.float32))
+    mass, off = gmm.mode_statistics(problem.model_mix, std.to_model(np.asarray(x, np.float64)).astype(np.float32))
     return {
         "nfe": nfe,
         "sliced_w2": metrics_lib.sliced_w2(x, truth, int(config.eval.num_projections), seed),

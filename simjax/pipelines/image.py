@@ -147,7 +147,6 @@ def train_teacher(config, workdir, mesh):
   denoiser = Denoiser(module)
   train, _ = load_data(config)
   optimizer = state_lib.make_optimizer(tt.optim)
-  setup = {"optimizers": {"denoiser": optimizer}}
 
   def init_fn():
     # Non-partitionable threefry only for init: the partitionable one compiles EDM's many draws very slowly.
@@ -160,8 +159,8 @@ def train_teacher(config, workdir, mesh):
                                            name="teacher")
   try:
     (teacher_dir(workdir)).mkdir(parents=True, exist_ok=True)
-    state, shardings, specs = distill.setup_state(setup, config, mesh, checkpointer, init_fn=init_fn,
-                                                  ema_names=("denoiser",))
+    state, shardings, specs = distill.setup_state({"denoiser": optimizer}, config, mesh, checkpointer,
+                                                  init_fn=init_fn, ema_names=("denoiser",))
     consts = jax.device_put({"data": train.x, "labels": train.labels, "scale": np.float32(1.0),
                              "shift": np.float32(0.0), "extra": {}}, mesh_lib.replicated(mesh))
     step = teacher_steps.make_teacher_step(denoiser, _teacher_step_config(config), mesh, specs.params["denoiser"],
@@ -199,8 +198,8 @@ def build_distillation(config, workdir, mesh):
   nets = DistillNetworks(generator=Denoiser(module), fake=Denoiser(module), teacher=Denoiser(module),
                          data_shape=data_shape(config), label_dim=int(config.label_dim),
                          sigma_init=float(config.sigma_init))
-  return dict(
-      mesh=mesh, nets=nets, arch=teacher.arch, extra=extra,
+  return distill.Distillation(
+      mesh=mesh, nets=nets, arch=teacher.arch,
       consts={"teacher": dict(teacher.params), "generator": extra, "fake": extra},
       # G and D_psi start as copies of the teacher (DESIGN.md section 1).
       init_fn=lambda: {"generator": teacher_params, "fake": teacher_params},
@@ -208,7 +207,7 @@ def build_distillation(config, workdir, mesh):
                   "fake": state_lib.make_optimizer(config.optim.fake)})
 
 
-def export_generator(workdir, setup, state, config):
+def export_generator(workdir, distillation: distill.Distillation, state, config):
   """generator/: arch.json (with sigma_init, so sampling uses the trained value) + EMA params."""
   if jax.process_index() != 0:
     return
@@ -216,7 +215,7 @@ def export_generator(workdir, setup, state, config):
   staged = epath.Path(workdir) / "generator.partial"
   if staged.exists():
     staged.rmtree()
-  edm_teachers.save_converted(staged, dict(setup["arch"]), {"params": jax.device_get(state.ema["generator"])})
+  edm_teachers.save_converted(staged, dict(distillation.arch), {"params": jax.device_get(state.ema["generator"])})
   info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step))}
   report.write_json(staged / exported.INFO_FILE, info)
   if out.exists():  # a continued run replaces its earlier export
@@ -224,14 +223,14 @@ def export_generator(workdir, setup, state, config):
   staged.rename(out)
 
 
-def grid_hook(config, workdir, setup):
+def grid_hook(config, workdir, distillation: distill.Distillation):
   """Every config.grid_every steps: a grid of EMA-generator samples (fixed noise) in samples/."""
-  nets = setup["nets"]
+  nets, extra = distillation.nets, distillation.generator_extra
   n = int(config.grid_size) ** 2
   key = jax.random.key(int(config.eval.seed) + 7)
   z = jax.random.normal(key, (n,) + nets.data_shape, jnp.float32)
   labels = (jax.nn.one_hot(jnp.arange(n) % nets.label_dim, nets.label_dim) if nets.label_dim else None)
-  gen = jax.jit(lambda p: nets.generate(p, setup["extra"], z, labels))
+  gen = jax.jit(lambda p: nets.generate(p, extra, z, labels))
 
   def hook(step, state):
     x = np.asarray(jax.device_get(gen(state.ema["generator"])))
@@ -260,28 +259,27 @@ def run(config, workdir, mode="train_and_eval"):
     timings["teacher_train_seconds"] = time.time() - t0
     if mode == "train_teacher":
       return "done"
-  setup = build_distillation(config, workdir, mesh)
+  distillation = build_distillation(config, workdir, mesh)
   checkpointer, writer = common.open_stage(config, workdir)
   try:
     t0 = time.time()
     if mode in ("train_and_eval", "train"):
-      hooks = [(int(config.grid_every), grid_hook(config, workdir, setup)),
-               (int(config.eval.every), image_eval.periodic_eval_hook(config, workdir, setup))]
-      state, status, _ = distill.train_sim(config, workdir, setup, checkpointer, writer, hooks=hooks)
+      hooks = [(int(config.grid_every), grid_hook(config, workdir, distillation)),
+               (int(config.eval.every), image_eval.periodic_eval_hook(config, workdir, distillation))]
+      state, status, _ = distill.train_sim(config, workdir, distillation, checkpointer, writer, hooks=hooks)
       if status != "done":
         return status
-      export_generator(workdir, setup, state, config)
+      export_generator(workdir, distillation, state, config)
     else:
       if not checkpointer.steps():
         raise UserError(f"no SIM checkpoint in {workdir}; run --mode=train_and_eval first.")
-      state, _, _ = distill.setup_state(setup, config, mesh, checkpointer, init_fn=setup["init_fn"],
-                                        ema_names=("generator",))
+      state, _, _ = distill.restore_or_init(distillation, config, checkpointer)
     timings["sim_train_seconds"] = time.time() - t0
   finally:
     checkpointer.close()
   if mode in ("train_and_eval", "eval"):
     t0 = time.time()
-    results = image_eval.evaluate(config, workdir, setup, state)
+    results = image_eval.evaluate(config, workdir, distillation, state)
     timings["eval_seconds"] = time.time() - t0
     results["generator"].update(timings)
     report.write_final(workdir, results)

@@ -21,7 +21,6 @@ from simjax.eval import fid as fid_lib
 from simjax.eval import report
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import distill
-from simjax.training.networks import DistillNetworks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,12 +165,11 @@ def measure(features, ref_stats, x_local, labels_local, nfe, num_classes, *, mes
   return out
 
 
-def evaluate(config, workdir, setup, state):
+def evaluate(config, workdir, distillation: distill.Distillation, state):
   """Writes samples/{generator,teacher}.npz, grids, and returns the eval/final.json dict."""
   from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
   t0 = time.time()
-  nets: DistillNetworks = setup["nets"]
-  mesh = setup["mesh"]
+  nets, mesh = distillation.nets, distillation.mesh
   n, seed, batch = int(config.eval.num_samples), int(config.eval.seed), int(config.eval.batch_size)
   num_classes = int(config.eval.num_classes)
   steps = int(config.eval.teacher_steps)
@@ -180,10 +178,10 @@ def evaluate(config, workdir, setup, state):
       f"{samplers.num_function_evals(steps)} NFE), in batches of {batch} over {jax.device_count()} devices",
       flush=True)
 
-  gen = distill.make_generator_sampler(nets, setup["extra"], batch, nets.label_dim, mesh)(
+  gen = distill.make_generator_sampler(nets, distillation.generator_extra, batch, nets.label_dim, mesh)(
       state.ema["generator"], n, seed, "eval: generator 1 NFE")
   t_gen = time.time()
-  tea = make_teacher_sampler(nets.teacher.module, config, mesh, nets.label_dim)(setup["consts"]["teacher"], n, seed + 1)
+  tea = make_teacher_sampler(nets.teacher.module, config, mesh, nets.label_dim)(distillation.consts["teacher"], n, seed + 1)
   t_tea = time.time()
 
   say(f"eval: {config.eval.features} features (reference statistics, then each source)", flush=True)
@@ -219,15 +217,15 @@ def evaluate(config, workdir, setup, state):
   return results
 
 
-def periodic_eval_hook(config, workdir, setup):
+def periodic_eval_hook(config, workdir, distillation: distill.Distillation):
   """Every config.eval.every steps: Frechet distance of config.eval.periodic_samples EMA-generator samples,
   appended to eval/periodic.jsonl (the cheap running FID; the full count runs at the end)."""
   from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
   cache = {}
-  nets, mesh = setup["nets"], setup["mesh"]
+  nets, mesh = distillation.nets, distillation.mesh
   batch = int(config.eval.batch_size)
   # Built once: every periodic eval reuses the compiled generator batch.
-  sample = distill.make_generator_sampler(nets, setup["extra"], batch, nets.label_dim, mesh)
+  sample = distill.make_generator_sampler(nets, distillation.generator_extra, batch, nets.label_dim, mesh)
 
   def hook(step, state):
     if not cache:

@@ -4,10 +4,13 @@ One trainer for vector and image teachers (the teacher factory decides the archi
 generator and the fake score start as copies of the teacher where the teacher is a network, and as
 a fitted copy of it where the teacher is analytic.
 """
+import dataclasses
 import logging
 import time
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import jax
+import optax
 
 from simjax import sampling
 from simjax.parallel import mesh as mesh_lib
@@ -15,6 +18,28 @@ from simjax.training import checkpoint as ckpt_lib
 from simjax.training import loop as loop_lib
 from simjax.training import sim_steps
 from simjax.training import state as state_lib
+from simjax.training.networks import DistillNetworks
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+  """What a pipeline hands the SIM trainer: the whole description of one distillation.
+
+  init_fn() -> {'generator', 'fake'} parameters at step 0 (traced abstractly for shapes first);
+  consts: frozen inputs of the step, {'teacher': variables, 'generator'/'fake': non-trainable
+  collections}; arch: the generator network's arch dict where it is exported (image runs).
+  """
+  mesh: jax.sharding.Mesh
+  nets: DistillNetworks
+  init_fn: Callable[[], Dict[str, Any]]
+  consts: Dict[str, Any]
+  optimizers: Dict[str, optax.GradientTransformation]
+  arch: Optional[Mapping[str, Any]] = None
+
+  @property
+  def generator_extra(self):
+    """The generator's non-trainable collections (what `nets.generate` takes beside its params)."""
+    return self.consts["generator"]
 
 
 def compile_logged(fn, name, *args):
@@ -34,12 +59,11 @@ def state_specs(params, mesh, optimizers, ema_names, min_size):
   return mesh_lib.param_specs(abstract, mesh, min_size), abstract
 
 
-def setup_state(setup, config, mesh, checkpointer, *, init_fn, ema_names):
+def setup_state(optimizers, config, mesh, checkpointer, *, init_fn, ema_names):
   """Restores the newest good checkpoint, or builds step 0 with `init_fn()` -> params dict.
 
   Returns (state, shardings, specs) with the state laid out on the mesh.
   """
-  optimizers = setup["optimizers"]
   min_size = int(config.get("fsdp_min_size", 2**14))
   abstract_params = jax.eval_shape(init_fn)
   specs, abstract_state = state_specs(abstract_params, mesh, optimizers, ema_names, min_size)
@@ -57,26 +81,28 @@ def setup_state(setup, config, mesh, checkpointer, *, init_fn, ema_names):
   return init(init_fn()), shardings, specs
 
 
-def train_sim(config, workdir, setup, checkpointer, writer, hooks=()):
-  """Runs SIM distillation to config.num_steps; returns (state, status, specs).
+def restore_or_init(distillation: Distillation, config, checkpointer):
+  """`setup_state` for a distillation: (state, shardings, specs)."""
+  return setup_state(distillation.optimizers, config, distillation.mesh, checkpointer,
+                     init_fn=distillation.init_fn, ema_names=("generator",))
 
-  setup: dict with 'nets' (DistillNetworks), 'consts' (teacher and frozen collections),
-  'init_fn' (-> {'generator', 'fake'} params), 'optimizers'.
-  """
-  mesh = setup["mesh"]
-  nets = setup["nets"]
-  state, shardings, specs = setup_state(setup, config, mesh, checkpointer, init_fn=setup["init_fn"],
-                                        ema_names=("generator",))
+
+def train_sim(config, workdir, distillation: Distillation, checkpointer, writer, hooks=()):
+  """Runs SIM distillation to config.num_steps; returns (state, status, specs)."""
+  del workdir  # the checkpointer and writer already point into it
+  mesh, nets = distillation.mesh, distillation.nets
+  state, shardings, specs = restore_or_init(distillation, config, checkpointer)
   min_size = int(config.get("fsdp_min_size", 2**14))
-  consts_specs = mesh_lib.param_specs(setup["consts"], mesh, min_size)
-  consts = jax.device_put(setup["consts"], mesh_lib.specs_to_shardings(consts_specs, mesh))
+  consts_specs = mesh_lib.param_specs(distillation.consts, mesh, min_size)
+  consts = jax.device_put(distillation.consts, mesh_lib.specs_to_shardings(consts_specs, mesh))
   step_specs = {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
 
   compiled = {}
   def step_fn(step):
     with_gen = step >= int(config.fake_warmup_steps)
     if with_gen not in compiled:
-      it = sim_steps.make_sim_iteration(nets, config, mesh, step_specs, setup["optimizers"], with_generator=with_gen)
+      it = sim_steps.make_sim_iteration(nets, config, mesh, step_specs, distillation.optimizers,
+                                        with_generator=with_gen)
       jitted = jax.jit(it, donate_argnums=0, out_shardings=(shardings, None))
       compiled[with_gen] = compile_logged(jitted, f"sim iteration (generator={with_gen})", state, consts)
     return compiled[with_gen]
