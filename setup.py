@@ -23,10 +23,10 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "chex>=0.1.92,<0.2",
         "ml_collections>=1.1.0,<1.2",
-        "tensorflow-datasets>=4.9.10,<4.10",
         "absl-py>=2.5.1,<3",
         "etils[epath]>=1.15",
         "numpy>=2.0,<3",
+        "ml_dtypes>=0.5",  # bfloat16 tensors in PyTorch files (also a jax dependency)
         "pillow>=10.0",
         # TensorBoard event files (writing only; the viewer is `pip install tensorboard`).
         "tensorboardX>=2.6.4,<2.7",
@@ -36,7 +36,9 @@ setup(
     ],
     extras_require={
         # The test extra carries torch so the parity tests against PyTorch-written files run, not skip.
-        "test": ["pytest>=8.0", "torch>=2.13,<2.15", "gcsfs>=2024.2"],
+        "test": ["pytest>=8.0", "torch>=2.13,<2.15", "gcsfs>=2024.2", "tensorflow-datasets>=4.9.10,<4.10"],
+        # CIFAR-10 configs: the dataset through `tfds.data_source` (array_record; no TensorFlow).
+        "cifar10": ["tensorflow-datasets>=4.9.10,<4.10"],
         # gs:// workdirs: etils' object-store backend (checkpoints go through orbax/tensorstore directly).
         "gcs": ["gcsfs>=2024.2"],
     },

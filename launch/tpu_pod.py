@@ -133,7 +133,7 @@ def install_commands(args) -> list[list[str]]:
     else:
         steps += [f"git clone --quiet {shlex.quote(args.repo)} {tree}",
                   f"git -C {tree} checkout --quiet {shlex.quote(args.ref)}"]
-    steps.append(f"{python} -m pip install -e './{tree}[gcs]'")  # gs:// workdirs need gcsfs on every worker
+    steps.append(f"{python} -m pip install -e './{tree}[gcs,cifar10]'")  # gcsfs for gs:// workdirs, tfds for CIFAR-10
     commands.append(ssh_command(args, "all", " && ".join(steps)))
     return commands
 

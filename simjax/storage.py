@@ -13,12 +13,10 @@ import time
 
 from etils import epath
 
+from simjax.errors import UserError
+
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 LOCK_NAME = ".simjax.lock"
-
-
-class StorageError(ValueError):
-  """Bad input about where files go: main turns it into exit 2 and one line."""
 
 
 def is_remote(path) -> bool:
@@ -29,25 +27,25 @@ def resolve_workdir(raw) -> str:
   """The workdir as every writer will see it: absolute for local paths, unchanged for gs://."""
   text = (raw or "").strip()
   if not text:
-    raise StorageError("--workdir is empty (it would mean the current directory); pass a directory of its own, "
+    raise UserError("--workdir is empty (it would mean the current directory); pass a directory of its own, "
                        "e.g. --workdir=workdirs/digits.")
   match = _SCHEME.match(text)
   if not match:
     return os.path.abspath(os.path.expanduser(text))
   if match.group(1).lower() != "gs":
-    raise StorageError(f"--workdir={raw}: {match.group(1)}:// is not supported; use a local directory or gs://BUCKET/PATH.")
+    raise UserError(f"--workdir={raw}: {match.group(1)}:// is not supported; use a local directory or gs://BUCKET/PATH.")
   if text.rstrip("/") == "gs:" or len(text.rstrip("/")) <= len("gs://"):
-    raise StorageError(f"--workdir={raw} names no bucket; pass gs://BUCKET/PATH.")
+    raise UserError(f"--workdir={raw} names no bucket; pass gs://BUCKET/PATH.")
   try:
     import gcsfs  # pylint: disable=import-outside-toplevel,unused-import  # epath's gs:// backend
   except ImportError:
-    raise StorageError(f"--workdir={raw} needs gcsfs for gs:// paths; install it with pip install 'simjax[gcs]' "
+    raise UserError(f"--workdir={raw} needs gcsfs for gs:// paths; install it with pip install 'simjax[gcs]' "
                        "(or pip install gcsfs), then rerun.") from None
   return text.rstrip("/")
 
 
 def check_local_writable(path: str):
-  """Raises StorageError if a run could not create and write `path` (checked before anything is written)."""
+  """Raises UserError if a run could not create and write `path` (checked before anything is written)."""
   if is_remote(path):
     return
   probe = path
@@ -57,10 +55,10 @@ def check_local_writable(path: str):
       break
     probe = parent
   if not os.path.isdir(probe):
-    raise StorageError(f"--workdir={path} cannot be created: {probe} is a file; point --workdir at a directory.")
+    raise UserError(f"--workdir={path} cannot be created: {probe} is a file; point --workdir at a directory.")
   if not os.access(probe, os.W_OK | os.X_OK):
     why = "is on a read-only filesystem" if _read_only(probe) else "is not writable by this user"
-    raise StorageError(f"--workdir={path} cannot be written: {probe} {why}; choose a writable --workdir.")
+    raise UserError(f"--workdir={path} cannot be written: {probe} {why}; choose a writable --workdir.")
 
 
 def _read_only(path: str) -> bool:
@@ -147,15 +145,15 @@ class WorkdirLock:
       os.makedirs(workdir, exist_ok=True)
       fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise StorageError(f"--workdir={workdir} cannot be written ({e.strerror}); choose a writable --workdir.") from None
+      raise UserError(f"--workdir={workdir} cannot be written ({e.strerror}); choose a writable --workdir.") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise StorageError(f"another simjax run is using --workdir={workdir}; wait for it to finish, stop it, or "
+        raise UserError(f"another simjax run is using --workdir={workdir}; wait for it to finish, stop it, or "
                            "use another --workdir.") from None
-      raise StorageError(f"--workdir={workdir} cannot be locked ({e.strerror}); use a local --workdir that "
+      raise UserError(f"--workdir={workdir} cannot be locked ({e.strerror}); use a local --workdir that "
                          "supports file locks.") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())

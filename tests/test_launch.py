@@ -79,7 +79,7 @@ REPO_ARGS = ["--repo=https://github.com/example/simjax", "--ref=v0.1.0"]
 INSTALL_FROM_GIT = (
     "python3 -m pip install --upgrade 'jax[tpu]>=0.10.2,<0.11' && rm -rf simjax && "
     "git clone --quiet https://github.com/example/simjax simjax && "
-    "git -C simjax checkout --quiet v0.1.0 && python3 -m pip install -e './simjax[gcs]'")
+    "git -C simjax checkout --quiet v0.1.0 && python3 -m pip install -e './simjax[gcs,cifar10]'")
 SIMJAX_MAIN = ("python3 -m simjax.main --config=configs/cifar10.py "
                "--workdir=gs://my-bucket/runs/c10 --mode=train --config.batch_size=512")
 RUN_IN_BACKGROUND = (
@@ -226,7 +226,7 @@ def test_tpu_tarball_install_copies_to_all_workers_then_installs(fakes, tmp_path
         "--zone=us-central2-b --worker=all",
         ssh_line("all", "python3 -m pip install --upgrade 'jax[tpu]>=0.10.2,<0.11' && rm -rf simjax && "
                         "mkdir simjax && tar -xzf simjax-src.tar.gz -C simjax --strip-components=1 && "
-                        "python3 -m pip install -e './simjax[gcs]'"),
+                        "python3 -m pip install -e './simjax[gcs,cifar10]'"),
     ]
 
 
@@ -322,7 +322,7 @@ def test_tpu_remote_install_from_tarball_unpacks_and_installs_editable(fakes, tm
     assert (home / "simjax" / "setup.py").is_file() and (home / "simjax" / "configs" / "x.py").is_file()
     assert not (home / "simjax" / "stale.py").exists()
     calls = record.read_text().split("SIMJAX_DISTRIBUTED=\n")[1:]
-    assert calls == ["-m\npip\ninstall\n--upgrade\njax[tpu]>=0.10.2,<0.11\n", "-m\npip\ninstall\n-e\n./simjax[gcs]\n"]
+    assert calls == ["-m\npip\ninstall\n--upgrade\njax[tpu]>=0.10.2,<0.11\n", "-m\npip\ninstall\n-e\n./simjax[gcs,cifar10]\n"]
 
 
 def test_tpu_remote_background_run_survives_and_stop_ends_it(fakes, tmp_path):

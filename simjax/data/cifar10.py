@@ -10,7 +10,11 @@ PREPARE_HINT = ("prepare it once on a machine with internet: `pip install tensor
 
 
 def _read_split(data_dir, split):
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError("CIFAR-10 is read with tensorflow-datasets, which is not installed; "
+                    "pip install -e '.[cifar10]'.") from None
   try:
     source = tfds.data_source("cifar10", split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # pylint: disable=broad-except  # tfds raises several types for a missing dataset

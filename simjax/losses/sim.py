@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from simjax.errors import UserError
+
 
 class Distance(NamedTuple):
   """A distance d on per-sample residuals y [N, ...]: its value [N] and derivative d'(y) (y's shape)."""
@@ -54,7 +56,7 @@ def squared_l2() -> Distance:
 def pseudo_huber(c: float) -> Distance:
   """d(y) = sqrt(||y||^2 + c^2) - c, d'(y) = y / sqrt(||y||^2 + c^2); c in the data's units."""
   if not 0 < c < float("inf"):
-    raise ValueError(f"pseudo-Huber constant c must be finite and > 0, got {c}; set --config.loss.huber_c to a "
+    raise UserError(f"pseudo-Huber constant c must be finite and > 0, got {c}; set --config.loss.huber_c to a "
                      "positive value.")
   def value(y):
     return jnp.sqrt(_sq_norm(y) + c**2) - c
@@ -70,7 +72,7 @@ def huber_constant(loss_config, data_dim: int) -> float:
     return absolute
   per_dim = float(loss_config.get("huber_c_per_dim", 0.0) or 0.0)
   if not per_dim > 0 or per_dim == float("inf"):
-    raise ValueError(f"loss.huber_c_per_dim must be a finite value > 0, got {loss_config.get('huber_c_per_dim')}; "
+    raise UserError(f"loss.huber_c_per_dim must be a finite value > 0, got {loss_config.get('huber_c_per_dim')}; "
                      "set --config.loss.huber_c_per_dim (c = huber_c_per_dim * sqrt(D)) or --config.loss.huber_c.")
   return per_dim * float(data_dim) ** 0.5
 
@@ -85,7 +87,7 @@ def get_distance(loss_config, data_dim: int) -> Distance:
   """Looks up `loss_config.distance` in DISTANCES (data_dim: dimensions per sample); register new ones there."""
   name = loss_config.distance
   if name not in DISTANCES:
-    raise ValueError(f"unknown distance {name!r}; set --config.loss.distance to one of {sorted(DISTANCES)}.")
+    raise UserError(f"unknown distance {name!r}; set --config.loss.distance to one of {sorted(DISTANCES)}.")
   return DISTANCES[name](loss_config, data_dim)
 
 

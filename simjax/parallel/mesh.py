@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from simjax.errors import UserError
+
 DATA = "data"
 FSDP = "fsdp"
 AXES = (DATA, FSDP)
@@ -24,16 +26,16 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple:
   """Fills the one -1 entry with the remaining devices; errors say how to fix the shape."""
   shape = [int(s) for s in mesh_shape]
   if len(shape) != len(AXES):
-    raise ValueError(f"mesh_shape must have {len(AXES)} entries {AXES}, got {tuple(shape)}; e.g. --config.mesh_shape='(-1,1)'.")
+    raise UserError(f"mesh_shape must have {len(AXES)} entries {AXES}, got {tuple(shape)}; e.g. --config.mesh_shape='(-1,1)'.")
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh_shape {tuple(shape)} may hold at most one -1 and otherwise positive sizes.")
+    raise UserError(f"mesh_shape {tuple(shape)} may hold at most one -1 and otherwise positive sizes.")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f"mesh_shape {tuple(shape)} does not divide the {num_devices} devices; pick sizes whose product divides it.")
+      raise UserError(f"mesh_shape {tuple(shape)} does not divide the {num_devices} devices; pick sizes whose product divides it.")
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
-    raise ValueError(f"mesh_shape {tuple(shape)} uses {math.prod(shape)} devices but {num_devices} are present; "
+    raise UserError(f"mesh_shape {tuple(shape)} uses {math.prod(shape)} devices but {num_devices} are present; "
                      "use -1 for one axis to take the rest.")
   return tuple(shape)
 
@@ -67,7 +69,7 @@ def num_batch_shards(mesh: Mesh) -> int:
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "batch_size"):
   n = num_batch_shards(mesh)
   if global_batch % n:
-    raise ValueError(f"{what}={global_batch} is not divisible by the {n} devices of the mesh; "
+    raise UserError(f"{what}={global_batch} is not divisible by the {n} devices of the mesh; "
                      f"set --config.{what} to a multiple of {n}.")
 
 
@@ -141,7 +143,7 @@ def maybe_initialize_distributed(requested: bool = False) -> bool:
   except (ValueError, RuntimeError) as e:
     reason = " ".join(str(e).split())[:200]
     asked = "--distributed" if requested else ("SIMJAX_DISTRIBUTED=1" if wanted else "a multi-worker launch")
-    raise ValueError(f"{asked} asked for a multi-host run, but jax.distributed.initialize() failed ({reason}); "
+    raise UserError(f"{asked} asked for a multi-host run, but jax.distributed.initialize() failed ({reason}); "
                      "run under a cluster JAX detects (Cloud TPU pod, SLURM), or set SIMJAX_COORDINATOR=host:port, "
                      "SIMJAX_NUM_PROCESSES and SIMJAX_PROCESS_ID on every process, or drop --distributed / "
                      "SIMJAX_DISTRIBUTED for a single-process run.") from None
@@ -152,12 +154,12 @@ def explicit_distributed_setup(env) -> dict:
   """jax.distributed.initialize kwargs from SIMJAX_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID, checked."""
   address = env["SIMJAX_COORDINATOR"]
   if ":" not in address:
-    raise ValueError(f"SIMJAX_COORDINATOR={address!r} needs a port; use host:port, e.g. 10.0.0.2:1234.")
+    raise UserError(f"SIMJAX_COORDINATOR={address!r} needs a port; use host:port, e.g. 10.0.0.2:1234.")
   try:
     num, pid = int(env["SIMJAX_NUM_PROCESSES"]), int(env["SIMJAX_PROCESS_ID"])
   except (KeyError, ValueError):
-    raise ValueError("SIMJAX_COORDINATOR is set, so SIMJAX_NUM_PROCESSES and SIMJAX_PROCESS_ID must be integers "
+    raise UserError("SIMJAX_COORDINATOR is set, so SIMJAX_NUM_PROCESSES and SIMJAX_PROCESS_ID must be integers "
                      "(set both on every process).") from None
   if num < 1 or not 0 <= pid < num:
-    raise ValueError(f"SIMJAX_PROCESS_ID={pid} must lie in [0, SIMJAX_NUM_PROCESSES={num}); number processes 0..N-1.")
+    raise UserError(f"SIMJAX_PROCESS_ID={pid} must lie in [0, SIMJAX_NUM_PROCESSES={num}); number processes 0..N-1.")
   return dict(coordinator_address=address, num_processes=num, process_id=pid)

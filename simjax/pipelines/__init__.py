@@ -1,11 +1,13 @@
 """Pipelines: what `simjax.main` runs for a config, chosen by `config.pipeline`."""
 import importlib
 
+from simjax.errors import UserError
+
 PIPELINES = {"gmm": "simjax.pipelines.gmm", "image": "simjax.pipelines.image"}
 
 
 def get(config):
   name = config.get("pipeline")
   if name not in PIPELINES:
-    raise ValueError(f"unknown pipeline {name!r}; set config.pipeline to one of {sorted(PIPELINES)}.")
+    raise UserError(f"unknown pipeline {name!r}; set config.pipeline to one of {sorted(PIPELINES)}.")
   return importlib.import_module(PIPELINES[name])

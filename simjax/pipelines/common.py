@@ -4,6 +4,7 @@ import math
 from etils import epath
 
 from simjax import workdir as workdir_lib
+from simjax.errors import UserError
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import checkpoint as ckpt_lib
 from simjax.training import loop as loop_lib
@@ -32,7 +33,7 @@ def _positive(config, name, *, finite=True):
   """config[name] as a float > 0 (and finite unless finite=False), else a one-line error naming the flag."""
   value = float(config[name])
   if not value > 0 or (finite and not math.isfinite(value)):
-    raise ValueError(f"{name} must be > 0{' and finite' if finite else ''}, got {config[name]}; "
+    raise UserError(f"{name} must be > 0{' and finite' if finite else ''}, got {config[name]}; "
                      f"set --config.{name} to a positive{' finite' if finite else ''} value.")
   return value
 
@@ -40,7 +41,7 @@ def _positive(config, name, *, finite=True):
 def _positive_int(section, name, prefix="", minimum=1):
   value = int(section[name])
   if value < minimum:
-    raise ValueError(f"{prefix}{name} must be >= {minimum}, got {section[name]}; set --config.{prefix}{name} "
+    raise UserError(f"{prefix}{name} must be >= {minimum}, got {section[name]}; set --config.{prefix}{name} "
                      f"to an integer >= {minimum}.")
   return value
 
@@ -49,11 +50,11 @@ def validate_ema(section, prefix=""):
   """EMA half-life (images, > 0 and finite) and ramp-up ratio (0 = off, else finite > 0)."""
   half_life = float(section.ema_half_life_images)
   if not 0 < half_life < float("inf"):
-    raise ValueError(f"{prefix}ema_half_life_images must be a finite value > 0, got {section.ema_half_life_images}; "
+    raise UserError(f"{prefix}ema_half_life_images must be a finite value > 0, got {section.ema_half_life_images}; "
                      f"set --config.{prefix}ema_half_life_images (images).")
   ratio = section.get("ema_rampup_ratio")
   if ratio is not None and not (math.isfinite(float(ratio)) and float(ratio) >= 0):
-    raise ValueError(f"{prefix}ema_rampup_ratio must be 0 (no ramp-up) or a finite value > 0, got {ratio}; "
+    raise UserError(f"{prefix}ema_rampup_ratio must be 0 (no ramp-up) or a finite value > 0, got {ratio}; "
                      f"set --config.{prefix}ema_rampup_ratio (SiD/EDM use 0.05).")
 
 
@@ -63,16 +64,16 @@ def validate_common(config, data_dim: int = 1):
     _positive_int(config, name)
   # XLA indexes a batch's elements with 32-bit integers: a larger batch cannot even be drawn.
   if int(config.batch_size) * int(data_dim) >= 2**31:
-    raise ValueError(f"batch_size={config.batch_size} times {data_dim} values per sample exceeds 2^31 elements; "
+    raise UserError(f"batch_size={config.batch_size} times {data_dim} values per sample exceeds 2^31 elements; "
                      "set --config.batch_size to a realistic value (e.g. 256).")
   for name in ("sigma_init", "sigma_min", "sigma_max", "sigma_data", "rho"):
     if name in config:
       _positive(config, name)
   if float(config.sigma_min) >= float(config.sigma_max):
-    raise ValueError(f"sigma_min ({config.sigma_min}) must be below sigma_max ({config.sigma_max}); "
+    raise UserError(f"sigma_min ({config.sigma_min}) must be below sigma_max ({config.sigma_max}); "
                      "set --config.sigma_min / --config.sigma_max so that 0 < sigma_min < sigma_max.")
   if not 0.0 < float(config.loss.t_max) <= 1.0:
-    raise ValueError(f"loss.t_max must lie in (0, 1], got {config.loss.t_max}; set --config.loss.t_max in (0, 1].")
+    raise UserError(f"loss.t_max must lie in (0, 1], got {config.loss.t_max}; set --config.loss.t_max in (0, 1].")
   _positive_int(config, "fake_steps_per_iteration")
   for name in ("max_nonfinite_streak", "keep_checkpoints"):
     if name in config:
@@ -80,9 +81,9 @@ def validate_common(config, data_dim: int = 1):
   if "fake_p_std" in config:
     _positive(config, "fake_p_std")
   if "fake_p_mean" in config and not math.isfinite(float(config.fake_p_mean)):
-    raise ValueError(f"fake_p_mean must be finite, got {config.fake_p_mean}; set --config.fake_p_mean (EDM: -1.2).")
+    raise UserError(f"fake_p_mean must be finite, got {config.fake_p_mean}; set --config.fake_p_mean (EDM: -1.2).")
   if not 0.0 <= float(config.get("fake_augment_p", 0.0)) <= 1.0:
-    raise ValueError(f"fake_augment_p must lie in [0, 1], got {config.fake_augment_p}; set --config.fake_augment_p "
+    raise UserError(f"fake_augment_p must lie in [0, 1], got {config.fake_augment_p}; set --config.fake_augment_p "
                      "(EDM/SiD: 0.12).")
   validate_ema(config)
   validate_eval(config)
@@ -90,7 +91,7 @@ def validate_common(config, data_dim: int = 1):
     try:
       state_lib.make_optimizer(config.optim[name])
     except ValueError as e:  # name the optimizer and the flag to fix
-      raise ValueError(f"optim.{name}: {str(e).rstrip('.')} (--config.optim.{name}.*).") from None
+      raise UserError(f"optim.{name}: {str(e).rstrip('.')} (--config.optim.{name}.*).") from None
   from simjax.losses import generator as generator_losses  # pylint: disable=import-outside-toplevel
   from simjax.training import sim_steps  # pylint: disable=import-outside-toplevel
   generator_losses.get_generator_loss(config.loss, data_dim)
@@ -109,4 +110,4 @@ def validate_eval(config):
     if name in ev:
       _positive_int(ev, name, "eval.", minimum)
   if "every" in ev and int(ev.every) < 0:
-    raise ValueError(f"eval.every must be >= 0 (0 = off), got {ev.every}; set --config.eval.every.")
+    raise UserError(f"eval.every must be >= 0 (0 = off), got {ev.every}; set --config.eval.every.")

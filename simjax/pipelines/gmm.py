@@ -150,23 +150,23 @@ def validate(config, mode: str):
   model_mix, t = standardize(mix, float(config.sigma_data))
   narrowest = float(np.min(np.asarray(model_mix.stds)) / float(config.sigma_data))
   if not np.isfinite(t.scale) or not t.scale > 0 or not np.all(np.isfinite(np.asarray(model_mix.means))):
-    raise ValueError(f"teacher mixture cannot be standardised (overall std {t.scale * float(config.sigma_data):.3g}); "
+    raise UserError(f"teacher mixture cannot be standardised (overall std {t.scale * float(config.sigma_data):.3g}); "
                      "set --config.teacher.means/stds to a finite, nonzero spread.")
   if not narrowest >= MIN_RELATIVE_STD:
-    raise ValueError(f"teacher.stds: the narrowest component is {narrowest:.2g} of the mixture's overall std, below "
+    raise UserError(f"teacher.stds: the narrowest component is {narrowest:.2g} of the mixture's overall std, below "
                      f"the {MIN_RELATIVE_STD:g} float32 can resolve; set --config.teacher.stds wider or drop far-off "
                      "components from --config.teacher.means.")
   for name in ("copy_steps", "copy_batch"):
     if int(config.init[name]) < 0:
-      raise ValueError(f"init.{name} must be >= 0, got {config.init[name]}; set --config.init.{name} >= 0.")
+      raise UserError(f"init.{name} must be >= 0, got {config.init[name]}; set --config.init.{name} >= 0.")
   if int(config.init.copy_steps) > 0:
     if int(config.init.copy_batch) < 1:
-      raise ValueError(f"init.copy_batch must be >= 1 when init.copy_steps > 0 (got {config.init.copy_batch}); "
+      raise UserError(f"init.copy_batch must be >= 1 when init.copy_steps > 0 (got {config.init.copy_batch}); "
                        "set --config.init.copy_batch to a positive integer, or --config.init.copy_steps=0 to skip "
                        "the warm start.")
     for name in ("copy_lr", "copy_p_std"):
       if not float(config.init[name]) > 0:
-        raise ValueError(f"init.{name} must be > 0, got {config.init[name]}; set --config.init.{name} > 0.")
+        raise UserError(f"init.{name} must be > 0, got {config.init[name]}; set --config.init.{name} > 0.")
 
 
 def run(config, workdir, mode: str = "train_and_eval"):

@@ -83,21 +83,21 @@ def check_arch_matches(arch, config, source):
 
 def validate(config, mode):
   if mode not in MODES:
-    raise ValueError(f"mode {mode!r} is not available for the image pipeline; use one of {MODES}.")
+    raise UserError(f"mode {mode!r} is not available for the image pipeline; use one of {MODES}.")
   shape = data_shape(config)
   mesh = common.validate_common(config, int(np.prod(shape)))
   # Sampling splits each eval batch over every device: checked here, before a run trains for hours.
   mesh_lib.check_batch_divisible(int(config.eval.batch_size), mesh, "eval.batch_size")
   if len(shape) != 3 or shape[0] != shape[1]:
-    raise ValueError(f"data.shape must be (R, R, C), got {shape}.")
+    raise UserError(f"data.shape must be (R, R, C), got {shape}.")
   if config.data.name == "digits" and not 0.0 < float(config.data.holdout_fraction) < 1.0:
-    raise ValueError(f"data.holdout_fraction must lie in (0, 1), got {config.data.holdout_fraction}; "
+    raise UserError(f"data.holdout_fraction must lie in (0, 1), got {config.data.holdout_fraction}; "
                      "set --config.data.holdout_fraction (e.g. 0.2).")
   if config.teacher.kind == "train":
     tt = config.teacher_train
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
       if int(tt[name]) < 1:
-        raise ValueError(f"teacher_train.{name} must be >= 1, got {tt[name]}; set --config.teacher_train.{name}.")
+        raise UserError(f"teacher_train.{name} must be >= 1, got {tt[name]}; set --config.teacher_train.{name}.")
     common.validate_ema(tt, "teacher_train.")
     state_lib.make_optimizer(tt.optim)
     mesh_lib.check_batch_divisible(int(tt.batch_size), mesh_lib.make_mesh(config.mesh_shape), "teacher_train.batch_size")
@@ -105,13 +105,13 @@ def validate(config, mode):
   elif config.teacher.kind == "checkpoint":
     path = epath.Path(config.teacher.checkpoint or "")
     if not config.teacher.checkpoint or not path.exists():
-      raise ValueError(f"teacher checkpoint {config.teacher.checkpoint!r} not found; set "
+      raise UserError(f"teacher checkpoint {config.teacher.checkpoint!r} not found; set "
                        "--config.teacher.checkpoint to an EDM network pickle, a state dict or a converted directory.")
     if mode != "sample" or config.sample.source == "teacher":
       teacher = read_teacher(str(path))  # the whole file is read and checked before the workdir is touched
       check_arch_matches(teacher.arch, config, str(path))
   else:
-    raise ValueError(f"unknown teacher.kind {config.teacher.kind!r}; use 'train' or 'checkpoint'.")
+    raise UserError(f"unknown teacher.kind {config.teacher.kind!r}; use 'train' or 'checkpoint'.")
 
 
 @functools.lru_cache(maxsize=2)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from simjax.errors import UserError
+
 # A true sample lies farther than this chi-square quantile from its own component with probability 0.1%.
 OFF_MODE_QUANTILE = 0.999
 # Largest |mean| or std accepted: float32 squared distances of such values in 64 dims stay finite.
@@ -35,31 +37,31 @@ def mixture_from_config(teacher_config) -> Mixture:
     stds = np.asarray(teacher_config.stds, np.float64)
     weights = np.asarray(teacher_config.weights, np.float64)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"teacher mixture is not numeric or ragged ({e}); pass e.g. "
+    raise UserError(f"teacher mixture is not numeric or ragged ({e}); pass e.g. "
                      "--config.teacher.means='((0.,1.),(1.,0.))' with one row per component.") from None
   if means.ndim != 2 or not 1 <= means.shape[1] <= 64 or means.shape[0] < 1:
-    raise ValueError(f"teacher.means must be a [K, D] nested tuple with D in 1..64, got shape {means.shape}.")
+    raise UserError(f"teacher.means must be a [K, D] nested tuple with D in 1..64, got shape {means.shape}.")
   k, d = means.shape
   if stds.ndim == 1 and stds.shape[0] == k:
     stds = np.repeat(stds[:, None], d, axis=1)  # one isotropic std per component
   if stds.shape != (k, d):
-    raise ValueError(f"teacher.stds must have one entry per component ({k},) or per coordinate ({k}, {d}), "
+    raise UserError(f"teacher.stds must have one entry per component ({k},) or per coordinate ({k}, {d}), "
                      f"got shape {stds.shape}; make it match teacher.means.")
   if weights.shape != (k,):
-    raise ValueError(f"teacher.weights must have one entry per component ({k}), got shape {weights.shape}; "
+    raise UserError(f"teacher.weights must have one entry per component ({k}), got shape {weights.shape}; "
                      "make it match teacher.means.")
   # Evaluation works in float32 in the user's units (squared distances of samples): larger values
   # would overflow to inf mid-run instead of here.
   if not np.all(np.isfinite(means)) or np.abs(means).max() > MAX_ABS_VALUE:
-    raise ValueError(f"teacher.means must be finite and at most {MAX_ABS_VALUE:.0e} in magnitude, got max |mean| "
+    raise UserError(f"teacher.means must be finite and at most {MAX_ABS_VALUE:.0e} in magnitude, got max |mean| "
                      f"{np.abs(means).max():.3g}; set --config.teacher.means in smaller units.")
   if not np.all(np.isfinite(stds)) or stds.max() > MAX_ABS_VALUE:
-    raise ValueError(f"teacher.stds must be finite and at most {MAX_ABS_VALUE:.0e}, got max {stds.max():.3g}; "
+    raise UserError(f"teacher.stds must be finite and at most {MAX_ABS_VALUE:.0e}, got max {stds.max():.3g}; "
                      "set --config.teacher.stds in smaller units.")
   if not np.all(stds > 0):
-    raise ValueError(f"teacher.stds must all be > 0, got min {stds.min()}; use small positive stds instead.")
+    raise UserError(f"teacher.stds must all be > 0, got min {stds.min()}; use small positive stds instead.")
   if not np.all(weights > 0) or abs(weights.sum() - 1.0) > 1e-4:
-    raise ValueError(f"teacher.weights must be positive and sum to 1, got sum {weights.sum():.6f}; "
+    raise UserError(f"teacher.weights must be positive and sum to 1, got sum {weights.sum():.6f}; "
                      "normalise them.")
   return Mixture(jnp.asarray(means, jnp.float32), jnp.asarray(stds, jnp.float32),
                  jnp.asarray(weights / weights.sum(), jnp.float32))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from simjax import host_memory
+from simjax.errors import UserError
 from simjax.training.networks import Denoiser, DistillNetworks
 
 NETWORKS = ("generator", "teacher", "fake")
@@ -47,7 +48,7 @@ def resolve(config, backend: Optional[str] = None) -> PerfOptions:
     p.update(config.perf)
   name = str(p.compute_dtype)
   if name not in COMPUTE_DTYPES:
-    raise ValueError(f"perf.compute_dtype={name!r}; use one of {sorted(COMPUTE_DTYPES)}.")
+    raise UserError(f"perf.compute_dtype={name!r}; use one of {sorted(COMPUTE_DTYPES)}.")
   dtype = COMPUTE_DTYPES[name]
   if dtype is None:
     dtype = jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
@@ -55,14 +56,14 @@ def resolve(config, backend: Optional[str] = None) -> PerfOptions:
   for net in NETWORKS:
     policy = str(p.remat.get(net, "none"))
     if policy not in REMAT_POLICIES:
-      raise ValueError(f"perf.remat.{net}={policy!r}; use one of {REMAT_POLICIES}.")
+      raise UserError(f"perf.remat.{net}={policy!r}; use one of {REMAT_POLICIES}.")
     remat[net] = policy
   unknown = sorted(set(p.remat.keys()) - set(NETWORKS))
   if unknown:
-    raise ValueError(f"perf.remat has unknown networks {unknown}; use {NETWORKS}.")
+    raise UserError(f"perf.remat has unknown networks {unknown}; use {NETWORKS}.")
   fuse = bool(p.fuse_teacher_fake)
   if fuse and remat["teacher"] != remat["fake"]:
-    raise ValueError("perf.fuse_teacher_fake runs teacher and fake score as one call, so they need one remat "
+    raise UserError("perf.fuse_teacher_fake runs teacher and fake score as one call, so they need one remat "
                      f"policy; got teacher={remat['teacher']!r}, fake={remat['fake']!r}. Set them equal.")
   return PerfOptions(compute_dtype=dtype, remat=remat, fuse_teacher_fake=fuse,
                      reuse_host_memory=_reuse_host_memory(host_memory_mode(config), backend))
@@ -76,7 +77,7 @@ def host_memory_mode(config) -> str:
   perf = config.get("perf") or {}
   mode = str(perf.get("reuse_host_memory", "auto"))
   if mode not in HOST_MEMORY_MODES:
-    raise ValueError(f"perf.reuse_host_memory={mode!r}; use one of {HOST_MEMORY_MODES}.")
+    raise UserError(f"perf.reuse_host_memory={mode!r}; use one of {HOST_MEMORY_MODES}.")
   return mode
 
 
@@ -84,7 +85,7 @@ def _reuse_host_memory(mode: str, backend: Optional[str]) -> bool:
   """Whether to keep freed host memory (simjax.host_memory): 'auto' does so where XLA's buffers live in
   host memory (the CPU backend) and glibc allows it."""
   if mode == "on" and not host_memory.supported():
-    raise ValueError("perf.reuse_host_memory='on' needs glibc's malloc (Linux); set it to 'auto' or 'off'.")
+    raise UserError("perf.reuse_host_memory='on' needs glibc's malloc (Linux); set it to 'auto' or 'off'.")
   if mode == "auto":
     return (backend or jax.default_backend()) == "cpu" and host_memory.supported()
   return mode == "on"
@@ -123,7 +124,7 @@ def configure_module(module, *, dtype=jnp.float32, remat_blocks: bool = False, l
     changes["dtype"] = dtype
   if remat_blocks:
     if not _has_field(net, "remat_blocks"):
-      raise ValueError(f"perf.remat.{label}='blocks' needs a network with blocks (SongUNet), got "
+      raise UserError(f"perf.remat.{label}='blocks' needs a network with blocks (SongUNet), got "
                        f"{type(net).__name__}; use 'full' or 'none'.")
     changes["remat_blocks"] = True
   if not changes:
@@ -223,7 +224,7 @@ def generator_step_denoisers(teacher_fn: Callable, fake_fn: Callable, pair_fn: O
 
 def check_fusable(nets: DistillNetworks):
   if nets.teacher.module != nets.fake.module:
-    raise ValueError("perf.fuse_teacher_fake needs the teacher and the fake score to share one architecture "
+    raise UserError("perf.fuse_teacher_fake needs the teacher and the fake score to share one architecture "
                      "(they do when the fake score starts as a copy of a network teacher); set it False.")
 
 

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from simjax.data import augment as augment_lib
 from simjax.diffusion import edm
+from simjax.errors import UserError
 from simjax.losses import dsm
 from simjax.losses import generator as generator_losses
 from simjax.parallel import mesh as mesh_lib
@@ -146,10 +147,10 @@ def fake_augment_probability(config, nets: DistillNetworks) -> float:
   """config.fake_augment_p where the fake score takes EDM's 9 augmentation labels, else 0 (nothing to condition)."""
   p = float(config.get("fake_augment_p", 0.0) or 0.0)
   if not 0.0 <= p <= 1.0:
-    raise ValueError(f"fake_augment_p must lie in [0, 1], got {p}; set --config.fake_augment_p (EDM/SiD: 0.12).")
+    raise UserError(f"fake_augment_p must lie in [0, 1], got {p}; set --config.fake_augment_p (EDM/SiD: 0.12).")
   dim = nets.fake.augment_dim if nets.fake is not None else 0
   if p and dim and dim != augment_lib.augment_label_dim():
-    raise ValueError(f"fake_augment_p={p} needs a fake score with EDM's {augment_lib.augment_label_dim()} augmentation "
+    raise UserError(f"fake_augment_p={p} needs a fake score with EDM's {augment_lib.augment_label_dim()} augmentation "
                      f"labels, but it takes {dim}; set --config.fake_augment_p=0.")
   return p if dim else 0.0
 
@@ -159,7 +160,7 @@ def loss_scales(config):
   scales = tuple(float(config.loss.get(name, 1.0)) for name in ("generator_scale", "fake_scale"))
   for name, value in zip(("generator_scale", "fake_scale"), scales):
     if not 0 < value < float("inf"):
-      raise ValueError(f"loss.{name} must be a finite value > 0, got {value}; set --config.loss.{name}.")
+      raise UserError(f"loss.{name} must be a finite value > 0, got {value}; set --config.loss.{name}.")
   return scales
 
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from simjax.errors import UserError
+
 
 class TrainState(flax.struct.PyTreeNode):
   """Everything a run checkpoints. `params`/`opt_state` are keyed by network ('generator', 'fake', 'denoiser').
@@ -24,9 +26,9 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
   """Adam with linear learning-rate warm-up and optional global-norm clipping."""
   for name in ("lr", "eps"):
     if not float(optim_config[name]) > 0:
-      raise ValueError(f"optimizer {name} must be > 0, got {optim_config[name]}; set a positive value.")
+      raise UserError(f"optimizer {name} must be > 0, got {optim_config[name]}; set a positive value.")
   if not (0.0 <= float(optim_config.b1) < 1.0 and 0.0 <= float(optim_config.b2) < 1.0):
-    raise ValueError(f"Adam betas must lie in [0, 1), got b1={optim_config.b1}, b2={optim_config.b2}.")
+    raise UserError(f"Adam betas must lie in [0, 1), got b1={optim_config.b1}, b2={optim_config.b2}.")
   warmup = int(optim_config.get("warmup_steps", 0))
   lr = float(optim_config.lr)
   schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
