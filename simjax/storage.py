@@ -5,11 +5,13 @@ run that changes directory must not write elsewhere. Object stores have neither 
 but writing one object is atomic: every file is written whole (`atomic_write_bytes`), and append-only
 logs are kept in memory and rewritten whole (`TextLog`).
 """
+import contextlib
 import errno
 import fcntl
 import os
 import re
 import time
+import uuid
 
 from etils import epath
 
@@ -78,6 +80,32 @@ def atomic_write_bytes(path, data: bytes):
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_bytes(data)
   tmp.replace(path)
+
+
+@contextlib.contextmanager
+def staged_directory(path, *, replace: bool = False):
+  """Yields a staging directory beside `path` that becomes `path` whole when the block ends, or vanishes
+  if it raises: readers never see half a directory. replace=True swaps out an existing `path` (locally
+  by two renames; on an object store, which has no rename, the copy is not atomic)."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  staging = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  staging.mkdir()  # honours the umask (tempfile.mkdtemp would make it private)
+  try:
+    yield staging
+    if replace and path.exists():
+      old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+      path.rename(old)
+      staging.rename(path)
+      old.rmtree()
+    else:
+      if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # an empty `path` is replaced (the caller has checked it is empty)
+      staging.rename(path)
+  except BaseException:
+    if staging.exists():
+      staging.rmtree()
+    raise
 
 
 def append_line(path, line: str):

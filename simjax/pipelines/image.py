@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from simjax import exported, tensorboard
+from simjax import exported, storage, tensorboard
 from simjax.errors import UserError
 from simjax.eval import report
 from simjax.networks import precond as precond_lib
@@ -211,16 +211,11 @@ def export_generator(workdir, distillation: distill.Distillation, state, config)
   """generator/: arch.json (with sigma_init, so sampling uses the trained value) + EMA params."""
   if jax.process_index() != 0:
     return
-  out = epath.Path(workdir) / "generator"
-  staged = epath.Path(workdir) / "generator.partial"
-  if staged.exists():
-    staged.rmtree()
-  edm_teachers.save_converted(staged, dict(distillation.arch), {"params": jax.device_get(state.ema["generator"])})
   info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step))}
-  report.write_json(staged / exported.INFO_FILE, info)
-  if out.exists():  # a continued run replaces its earlier export
-    out.rmtree()
-  staged.rename(out)
+  # A continued run replaces its earlier export whole.
+  with storage.staged_directory(epath.Path(workdir) / "generator", replace=True) as staging:
+    edm_teachers.write_converted(staging, dict(distillation.arch), {"params": jax.device_get(state.ema["generator"])})
+    report.write_json(staging / exported.INFO_FILE, info)
 
 
 def grid_hook(config, workdir, distillation: distill.Distillation):

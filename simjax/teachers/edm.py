@@ -15,8 +15,6 @@ the arch implies; NCSN++'s `map_noise.freqs` becomes the arch entry `fourier_fre
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Tuple, Union
 
@@ -24,8 +22,9 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from simjax import torch_files
+from simjax import storage, torch_files
 from simjax.networks.precond import build_precond, param_shapes
 from simjax.networks.songunet import resample_kernel_2d
 
@@ -142,24 +141,24 @@ def save_converted(out_dir, arch: Mapping[str, Any], params) -> Path:
 
   `params` is the variables pytree ({'params': ...}) that `module.apply` takes.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   out_dir = Path(out_dir).absolute()
   check_output_dir(out_dir)
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  staging.mkdir()  # honours the umask (tempfile.mkdtemp would make it private)
-  try:
-    (staging / ARCH_FILE).write_text(json.dumps(_plain_arch(arch), indent=1, sort_keys=True) + "\n")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging / PARAMS_DIR, jax.tree_util.tree_map(np.asarray, params))
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    os.rename(staging, out_dir)  # atomic (and replaces an empty OUT_DIR): readers never see half a directory
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+  with storage.staged_directory(out_dir) as staging:
+    write_converted(staging, arch, params)
   return out_dir
+
+
+def write_converted(directory, arch: Mapping[str, Any], params):
+  """arch.json + params/ into an existing, empty (staging) directory; see `save_converted`."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  directory = epath.Path(directory)
+  if not storage.is_remote(directory):
+    directory = directory.absolute()  # orbax refuses relative paths
+  (directory / ARCH_FILE).write_text(json.dumps(_plain_arch(arch), indent=1, sort_keys=True) + "\n")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / PARAMS_DIR, jax.tree_util.tree_map(np.asarray, params))
+  checkpointer.wait_until_finished()
+  checkpointer.close()
 
 
 def read_arch_file(path) -> Dict[str, Any]:
