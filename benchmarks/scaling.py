@@ -52,7 +52,7 @@ def build_case(case: str, batch: int, dtype: str = "float32"):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from simjax.training import state as state_lib  # pylint: disable=import-outside-toplevel
-  from simjax.training.networks import Denoiser, DistillNetworks  # pylint: disable=import-outside-toplevel
+  from simjax.training.roles import Denoiser, DistillNetworks  # pylint: disable=import-outside-toplevel
 
   config = _simjax_config(batch)
   optimizers = {"generator": state_lib.make_optimizer(config.optim.generator),

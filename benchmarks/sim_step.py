@@ -47,11 +47,11 @@ from simjax import host_memory  # noqa: E402
 from simjax.flops import jaxpr_flops, xla_flops  # noqa: E402
 from simjax.networks import precond as precond_lib  # noqa: E402
 from simjax.parallel import mesh as mesh_lib  # noqa: E402
-from simjax.pipelines.image import teacher_arch_from_config  # noqa: E402
+from simjax.pipelines.image_teacher import teacher_arch_from_config  # noqa: E402
 from simjax.training import perf as perf_lib  # noqa: E402
 from simjax.training import sim_steps  # noqa: E402
 from simjax.training import state as state_lib  # noqa: E402
-from simjax.training.networks import Denoiser, DistillNetworks  # noqa: E402
+from simjax.training.roles import Denoiser, DistillNetworks  # noqa: E402
 
 ALIASES = {"digits": "configs/digits.py", "cifar10": "configs/cifar10.py"}
 _ALL = lambda policy: {f"remat.{n}": policy for n in perf_lib.NETWORKS}

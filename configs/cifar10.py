@@ -9,11 +9,13 @@ The teacher may be a published EDM pickle, a state dict or a directory written b
 `python -m simjax.convert_edm`; the argument after ':' (or --config.teacher.checkpoint) names it.
 No training data is used for distillation; CIFAR-10 enters only for FID reference statistics.
 """
-from simjax.pipelines.image_defaults import base_config
+from simjax import config_files
+
+common = config_files.sibling(__file__, "common")
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = common.image_config()
   c.data.name = "cifar10"
   c.data.shape = (32, 32, 3)
   c.label_dim = 0

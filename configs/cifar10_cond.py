@@ -7,14 +7,10 @@
 
 Everything else as configs/cifar10.py.
 """
-import importlib.util
-import pathlib
+from simjax import config_files
 
 
 def get_config(arg=None):
-  spec = importlib.util.spec_from_file_location("simjax_config_cifar10", pathlib.Path(__file__).with_name("cifar10.py"))
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  c = base.get_config(arg)
+  c = config_files.sibling(__file__, "cifar10").get_config(arg)
   c.label_dim = 10
   return c

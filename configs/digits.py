@@ -7,12 +7,14 @@ Real data with no download; all stages resume from the workdir. Class-conditiona
 """
 import ml_collections
 
-from simjax.pipelines.image_defaults import base_config
+from simjax import config_files
+
+common = config_files.sibling(__file__, "common")
 
 
 def get_config(arg=None):
   del arg
-  c = base_config()
+  c = common.image_config()
   c.data.name = "digits"
   c.data.shape = (8, 8, 1)
   c.data.holdout_fraction = 0.2

@@ -9,7 +9,9 @@ import math
 
 import ml_collections
 
-from simjax.training import perf
+from simjax import config_files
+
+common = config_files.sibling(__file__, "common")
 
 
 def ring(num_modes=8, radius=1.0):
@@ -19,9 +21,7 @@ def ring(num_modes=8, radius=1.0):
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.pipeline = "gmm"
-  c.seed = 0
+  c = common.shared_config("gmm")
 
   # The analytic teacher: sum_k w_k N(means[k], diag(stds[k]^2)); stds per component or per coordinate.
   c.teacher = ml_collections.ConfigDict()
@@ -30,52 +30,24 @@ def get_config(arg=None):
   c.teacher.stds = (0.1,) * 8
   c.teacher.weights = (0.125,) * 8
 
-  # Generator and fake score: EDM-preconditioned residual MLP.
+  # Generator and fake score: EDM-preconditioned residual MLP, in EDM units (data are standardised to
+  # overall std sigma_data before training).
   c.model = ml_collections.ConfigDict()
   c.model.hidden = 128
   c.model.num_blocks = 3
   c.model.emb_features = 128
   c.model.dropout = 0.0
 
-  # EDM units (data are standardised to overall std sigma_data before training).
-  c.sigma_data = 0.5
-  c.sigma_min = 0.002
-  c.sigma_max = 80.0
-  c.rho = 7.0
-  c.sigma_init = 2.5          # generator input sigma_init * z at sigma_init (SIM/SiD)
-
-  # The SIM generator loss (DESIGN.md section 1).
-  c.loss = ml_collections.ConfigDict()
-  c.loss.name = "sim"                 # the generator loss (simjax/losses/generator.py LOSSES)
-  c.loss.distance = "pseudo_huber"   # or "l2"
   c.loss.huber_c = 0.1              # pseudo-Huber c, in model units (per-sample norm of D_p - D_psi)
-  c.loss.normalize = True           # divide by sg(mean |x0 - D_p(x_t)|) (DMD/SiD weight)
-  c.loss.normalize_floor = 1e-5
-  c.loss.t_max = 0.8                # t ~ U[0, t_max] on the Karras rho-grid
 
-  # Fake score: EDM DSM on stop-gradient generator samples.
-  c.fake_p_mean = -1.2
-  c.fake_p_std = 1.2
-  c.fake_steps_per_iteration = 1    # fake-score updates per generator update
-  c.fake_warmup_steps = 0           # iterations with fake-score updates only
-
-  c.batch_size = 256
   # Measured (seed 0, lr 3e-4/1e-3): 3000 steps with a 20k-image EMA left the mode weights off by 0.033 and sliced-W2
   # at 1.84x the teacher sampler's; 6000 steps 1.65x; with a 100k EMA 1.47x. Seeds still differ
   # (mode weights drift slowly between modes), see README.
   c.num_steps = 6000
-  c.optim = ml_collections.ConfigDict()
   # Measured on seeds 0/1/2 (README): generator 3e-4 / fake 1e-3 gave sliced-W2 1.62x/1.22x/2.21x the
   # teacher's and mode errors up to 0.033; 1e-4 for both gives 1.36x/1.71x/1.56x, mode errors <= 0.023.
-  for name, lr in (("generator", 1e-4), ("fake", 1e-4)):
-    o = ml_collections.ConfigDict()
-    o.lr = lr
-    o.b1 = 0.0
-    o.b2 = 0.999
-    o.eps = 1e-8
-    o.warmup_steps = 0
-    o.grad_clip = 0.0   # 0 = off
-    c.optim[name] = o
+  c.optim.generator.lr = 1e-4
+  c.optim.fake.lr = 1e-4
   # A long EMA (~1500 steps of 256) averages out the slow drift of mass between modes.
   c.ema_half_life_images = 400_000.0
   c.ema_rampup_ratio = 0.5
@@ -88,22 +60,10 @@ def get_config(arg=None):
   c.init.copy_p_mean = -0.5
   c.init.copy_p_std = 1.5
 
-  c.mesh_shape = (-1, 1)       # ('data', 'fsdp'); one entry may be -1
-  c.fsdp_min_size = 2**14
-  c.log_every = 100
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
-  c.max_nonfinite_streak = 20
-
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 10_000
   c.eval.batch_size = 2_000
   c.eval.teacher_steps = 18     # Heun: 35 network evaluations
   c.eval.num_projections = 256
   c.eval.seed = 1234
-
-  c.perf = perf.default_config()  # speed/memory switches (simjax/training/perf.py)
-
-  c.debug = ml_collections.ConfigDict()
-  c.debug.nan_steps = ()        # tests: steps whose loss is forced to NaN
   return c

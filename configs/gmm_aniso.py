@@ -6,17 +6,9 @@ whose components have per-coordinate stds spread over a factor of 10, unequal we
 
 The mixture is drawn from a fixed generator (numpy seed D), so each D names one mixture.
 """
-import importlib.util
-import pathlib
-
 import numpy as np
 
-
-def _gmm2d():
-  spec = importlib.util.spec_from_file_location("simjax_config_gmm2d", pathlib.Path(__file__).with_name("gmm2d.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from simjax import config_files
 
 
 def mixture(dim: int, num_modes: int):
@@ -32,6 +24,6 @@ def mixture(dim: int, num_modes: int):
 
 def get_config(arg=None):
   dim = int(arg) if arg else 16
-  c = _gmm2d().get_config()
+  c = config_files.sibling(__file__, "gmm2d").get_config()
   c.teacher.means, c.teacher.stds, c.teacher.weights = mixture(dim, num_modes=max(4, dim // 2 + 2))
   return c

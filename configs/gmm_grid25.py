@@ -2,19 +2,11 @@
 
   python -m simjax.main --config=configs/gmm_grid25.py --workdir=/tmp/grid25
 """
-import importlib.util
-import pathlib
-
-
-def _gmm2d():
-  spec = importlib.util.spec_from_file_location("simjax_config_gmm2d", pathlib.Path(__file__).with_name("gmm2d.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from simjax import config_files
 
 
 def get_config(arg=None):
-  c = _gmm2d().get_config(arg)
+  c = config_files.sibling(__file__, "gmm2d").get_config(arg)
   c.teacher.means = tuple((float(i), float(j)) for i in range(-2, 3) for j in range(-2, 3))
   c.teacher.stds = (0.1,) * 25
   c.teacher.weights = (0.04,) * 25

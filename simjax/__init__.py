@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 def load_teacher(path, **kwargs):
   """Loads a teacher denoiser from an EDM pickle, a state dict or a converted checkpoint.
 
-  See `simjax.teachers.edm.load_teacher`.
+  See `simjax.teachers.edm_checkpoints.load_teacher`.
   """
-  from simjax.teachers.edm import load_teacher as _load_teacher  # pylint: disable=import-outside-toplevel
+  from simjax.teachers.edm_checkpoints import load_teacher as _load_teacher  # pylint: disable=import-outside-toplevel
   return _load_teacher(path, **kwargs)
 
 

@@ -29,14 +29,14 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   # Heavy imports after argument parsing so that `--help` is instant.
-  from simjax.teachers import edm  # pylint: disable=import-outside-toplevel
+  from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
   from simjax.networks.precond import count_params  # pylint: disable=import-outside-toplevel
 
   try:
     out_dir = Path(args.out_dir)
-    edm.check_output_dir(out_dir)  # before the (slow) read: a taken OUT_DIR fails at once
-    arch, variables = edm.read_edm_checkpoint(args.input, arch=args.arch)
-    edm.save_converted(out_dir, arch, variables)
+    edm_checkpoints.check_output_dir(out_dir)  # before the (slow) read: a taken OUT_DIR fails at once
+    arch, variables = edm_checkpoints.read_edm_checkpoint(args.input, arch=args.arch)
+    edm_checkpoints.save_converted(out_dir, arch, variables)
   except (ValueError, OSError) as e:
     message = " ".join(str(e).split())  # one line, whatever the exception text holds
     print(f"convert_edm: error: {message}", file=sys.stderr)

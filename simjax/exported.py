@@ -16,7 +16,7 @@ from simjax import sampling
 from simjax.errors import UserError
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import distill
-from simjax.training.networks import Denoiser, DistillNetworks, split_variables
+from simjax.training.roles import Denoiser, DistillNetworks, split_variables
 
 INFO_FILE = "generator.json"
 DEFAULT_BATCH = 256
@@ -90,10 +90,10 @@ def _one_hot(cond, num: int, label_dim: int):
 
 def load_generator(path) -> Generator:
   """The generator exported by an image run: `path` is its workdir or the workdir's generator/ folder."""
-  from simjax.teachers import edm as edm_teachers  # pylint: disable=import-outside-toplevel
+  from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
   folder = find_export(path)
   info = json.loads((folder / INFO_FILE).read_text())
-  network = edm_teachers.load_teacher(str(folder))
+  network = edm_checkpoints.load_teacher(str(folder))
   params, extra = split_variables(network.params)
   nets = DistillNetworks(generator=Denoiser(network.module), fake=None, teacher=None,
                          data_shape=(network.img_resolution, network.img_resolution, network.img_channels),

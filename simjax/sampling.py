@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from simjax.diffusion import samplers
 from simjax.errors import UserError
 from simjax.parallel import mesh as mesh_lib
-from simjax.training.networks import one_hot_labels
+from simjax.training.roles import one_hot_labels
 
 
 @dataclasses.dataclass

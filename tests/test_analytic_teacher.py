@@ -7,9 +7,9 @@ import pytest
 
 from simjax.diffusion import samplers
 from simjax.eval import metrics
-from simjax.teachers import gmm
+from simjax.teachers import mixture
 
-MIX = gmm.Mixture(jnp.array([[-1.0, 0.0, 0.5], [1.0, 0.5, 0.0], [0.0, -1.2, 1.0]]),
+MIX = mixture.Mixture(jnp.array([[-1.0, 0.0, 0.5], [1.0, 0.5, 0.0], [0.0, -1.2, 1.0]]),
                   jnp.array([[0.3, 0.3, 0.2], [0.4, 0.2, 0.3], [0.25, 0.5, 0.1]]), jnp.array([0.3, 0.5, 0.2]))
 
 
@@ -18,24 +18,24 @@ def test_score_is_grad_log_density(sigma):
   with jax.enable_x64(True):
     mix = jax.tree.map(lambda a: a.astype(jnp.float64), MIX)
     x = jax.random.normal(jax.random.key(0), (64, 3), jnp.float64) * (1.0 + sigma)
-    auto = jax.grad(lambda v: jnp.sum(gmm.log_density(mix, v, sigma)))(x)
-    exact = gmm.score(mix, x, jnp.float64(sigma))
+    auto = jax.grad(lambda v: jnp.sum(mixture.log_density(mix, v, sigma)))(x)
+    exact = mixture.score(mix, x, jnp.float64(sigma))
     np.testing.assert_allclose(exact, auto, rtol=1e-6, atol=1e-8 * (1 + float(jnp.abs(auto).max())))
 
 
 def test_denoiser_limits():
   x = jax.random.normal(jax.random.key(1), (16, 3))
   # sigma -> 0: D(x) -> x; sigma -> inf: D(x) -> the mixture mean.
-  np.testing.assert_allclose(gmm.denoise(MIX, x, 1e-4), x, atol=1e-4)
+  np.testing.assert_allclose(mixture.denoise(MIX, x, 1e-4), x, atol=1e-4)
   mean = jnp.sum(MIX.weights[:, None] * MIX.means, axis=0)
-  np.testing.assert_allclose(gmm.denoise(MIX, x, 1e4), jnp.broadcast_to(mean, x.shape), atol=1e-3)
+  np.testing.assert_allclose(mixture.denoise(MIX, x, 1e4), jnp.broadcast_to(mean, x.shape), atol=1e-3)
 
 
 def test_flax_module_matches_function():
   x = jax.random.normal(jax.random.key(2), (8, 3))
   sigma = jnp.linspace(0.1, 3.0, 8)
-  out = gmm.GaussianMixtureDenoiser().apply(gmm.teacher_variables(MIX), x, sigma)
-  np.testing.assert_allclose(out, gmm.denoise(MIX, x, sigma), rtol=1e-6)
+  out = mixture.GaussianMixtureDenoiser().apply(mixture.teacher_variables(MIX), x, sigma)
+  np.testing.assert_allclose(out, mixture.denoise(MIX, x, sigma), rtol=1e-6)
 
 
 def test_heun_sampling_of_analytic_teacher_reaches_noise_floor():
@@ -47,10 +47,10 @@ def test_heun_sampling_of_analytic_teacher_reaches_noise_floor():
   n = 16000
   z = jax.random.normal(jax.random.key(11), (n, 3))
   sample = lambda steps, solver: jax.jit(lambda z: samplers.edm_sample(
-      lambda v, s: gmm.denoise(MIX, v, s), z, num_steps=steps, solver=solver))(z)
-  truth, _ = gmm.sample(MIX, jax.random.key(4), n)
+      lambda v, s: mixture.denoise(MIX, v, s), z, num_steps=steps, solver=solver))(z)
+  truth, _ = mixture.sample(MIX, jax.random.key(4), n)
   # The floor (W2 between two independent true samples) is itself noisy: average three draws.
-  floor = np.mean([metrics.sliced_w2(gmm.sample(MIX, jax.random.key(k), n)[0], truth) for k in (5, 6, 7)])
+  floor = np.mean([metrics.sliced_w2(mixture.sample(MIX, jax.random.key(k), n)[0], truth) for k in (5, 6, 7)])
   w2 = metrics.sliced_w2(sample(128, "heun"), truth)
   assert w2 < 1.5 * floor, (w2, floor)
   # ... and a sampler with too few steps is measurably worse, so the check can fail.
@@ -58,8 +58,8 @@ def test_heun_sampling_of_analytic_teacher_reaches_noise_floor():
 
 
 def test_nearest_mean_mass_of_true_samples():
-  x, _ = gmm.sample(MIX, jax.random.key(6), 20000)
-  mass = gmm.nearest_mean_mass(MIX, x)
+  x, _ = mixture.sample(MIX, jax.random.key(6), 20000)
+  mass = mixture.nearest_mean_mass(MIX, x)
   assert mass.shape == (3,)
   assert abs(float(mass.sum()) - 1) < 1e-6
 
@@ -81,21 +81,21 @@ def _cfg(**kw):
 ])
 def test_malformed_mixtures_get_one_line_errors(kw, match):
   with pytest.raises(ValueError, match=match) as e:
-    gmm.mixture_from_config(_cfg(**kw))
+    mixture.mixture_from_config(_cfg(**kw))
   assert "\n" not in str(e.value)
 
 
 def test_any_dimension_and_per_coordinate_stds():
-  mix = gmm.mixture_from_config(_cfg(means=((0.0,) * 16, (1.0,) * 16), stds=((0.1,) * 16, (0.2,) * 16)))
+  mix = mixture.mixture_from_config(_cfg(means=((0.0,) * 16, (1.0,) * 16), stds=((0.1,) * 16, (0.2,) * 16)))
   assert mix.means.shape == (2, 16) and mix.stds.shape == (2, 16)
-  one = gmm.mixture_from_config(_cfg(means=((0.0,),), stds=(1.0,), weights=(1.0,)))
+  one = mixture.mixture_from_config(_cfg(means=((0.0,),), stds=(1.0,), weights=(1.0,)))
   assert one.means.shape == (1, 1)
 
 
 def _ring_mixture(num_modes=8, std=0.1):
   angles = 2 * np.pi * np.arange(num_modes) / num_modes
   means = np.stack([np.cos(angles), np.sin(angles)], 1)
-  return gmm.Mixture(jnp.asarray(means, jnp.float32), jnp.full((num_modes, 2), std, jnp.float32),
+  return mixture.Mixture(jnp.asarray(means, jnp.float32), jnp.full((num_modes, 2), std, jnp.float32),
                      jnp.full((num_modes,), 1 / num_modes, jnp.float32))
 
 
@@ -103,11 +103,11 @@ def _ring_mixture(num_modes=8, std=0.1):
 def test_true_samples_are_almost_never_off_mode(dim):
   """The chi-square rule holds in any dimension: ~0.1% of true samples off-mode (a 3-sigma box would give 25% in 16-D)."""
   rng = np.random.default_rng(dim)
-  mix = gmm.Mixture(jnp.asarray(rng.uniform(-2, 2, (5, dim)), jnp.float32),
+  mix = mixture.Mixture(jnp.asarray(rng.uniform(-2, 2, (5, dim)), jnp.float32),
                     jnp.asarray(np.exp(rng.uniform(np.log(0.05), np.log(0.5), (5, dim))), jnp.float32),
                     jnp.asarray([0.1, 0.2, 0.3, 0.15, 0.25], jnp.float32))
-  x, comp = gmm.sample(mix, jax.random.key(dim), 40000)
-  mass, off = gmm.mode_statistics(mix, x)
+  x, comp = mixture.sample(mix, jax.random.key(dim), 40000)
+  mass, off = mixture.mode_statistics(mix, x)
   assert off < 0.002, off
   np.testing.assert_allclose(mass, np.bincount(np.asarray(comp), minlength=5) / 40000, atol=0.003)
 
@@ -117,23 +117,23 @@ def test_ring_and_bridge_are_off_mode():
   mix = _ring_mixture()
   angles = jax.random.uniform(jax.random.key(0), (20000,), minval=0, maxval=2 * np.pi)
   ring = jnp.stack([jnp.cos(angles), jnp.sin(angles)], 1)
-  mass, off = gmm.mode_statistics(mix, ring)
+  mass, off = mixture.mode_statistics(mix, ring)
   assert np.max(np.abs(mass - 1 / 8)) < 0.02  # the nearest-mode mass cannot tell ...
   # ... the off-mode mass can: on this ring (gaps of 0.39 std between the 3.7-std balls) a uniform
   # ring is 4.8% off-mode, beyond the 0.02-above-the-truth bound the default run is held to.
   assert off > 0.04, off
   t = jax.random.uniform(jax.random.key(1), (20000, 1))
   bridge = (1 - t) * mix.means[0] + t * mix.means[4]  # a bridge across the ring
-  assert gmm.mode_statistics(mix, bridge)[1] > 0.5
+  assert mixture.mode_statistics(mix, bridge)[1] > 0.5
 
 
 def test_mode_mass_by_likelihood_scores_anisotropic_components():
   """A wide component's samples that fall nearer a narrow component's mean still count for the wide one."""
-  mix = gmm.Mixture(jnp.array([[0.0, 0.0], [1.0, 0.5]]), jnp.array([[1.0, 0.05], [0.05, 0.05]]), jnp.array([0.5, 0.5]))
-  x, _ = gmm.sample(mix, jax.random.key(3), 20000)
-  mass, _ = gmm.mode_statistics(mix, x)
+  mix = mixture.Mixture(jnp.array([[0.0, 0.0], [1.0, 0.5]]), jnp.array([[1.0, 0.05], [0.05, 0.05]]), jnp.array([0.5, 0.5]))
+  x, _ = mixture.sample(mix, jax.random.key(3), 20000)
+  mass, _ = mixture.mode_statistics(mix, x)
   np.testing.assert_allclose(mass, [0.5, 0.5], atol=0.015)
-  assert abs(float(gmm.nearest_mean_mass(mix, x)[0]) - 0.5) > 0.1  # nearest mean gets it wrong
+  assert abs(float(mixture.nearest_mean_mass(mix, x)[0]) - 0.5) > 0.1  # nearest mean gets it wrong
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -143,5 +143,5 @@ def test_mode_mass_by_likelihood_scores_anisotropic_components():
 ])
 def test_overflowing_mixtures_are_refused(kw, match):
   with pytest.raises(ValueError, match=match) as e:
-    gmm.mixture_from_config(_cfg(**kw))
+    mixture.mixture_from_config(_cfg(**kw))
   assert "\n" not in str(e.value)

@@ -23,7 +23,7 @@ import pytest
 
 from simjax.convert_edm import main as convert_main
 from simjax.networks.precond import build_precond
-from simjax.teachers.edm import Teacher, convert_state_dict, load_teacher, save_converted
+from simjax.teachers.edm_checkpoints import Teacher, convert_state_dict, load_teacher, save_converted
 from simjax.torch_files import UnsafePickleError, load_edm_pickle, load_state_dict
 
 from conftest import FIXTURES  # tests/fixtures, in the repository

@@ -9,7 +9,7 @@ import simjax
 from simjax.errors import UserError
 from simjax.exported import INFO_FILE
 from simjax.networks import precond as precond_lib
-from simjax.teachers import edm as edm_teachers
+from simjax.teachers import edm_checkpoints
 
 CLASSES = 3
 
@@ -27,7 +27,7 @@ def export(tmp_path_factory):
   leaves, tree = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   variables = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  edm_teachers.save_converted(wd / "generator", arch, variables)
+  edm_checkpoints.save_converted(wd / "generator", arch, variables)
   (wd / "generator" / INFO_FILE).write_text(json.dumps({"sigma_init": 2.5, "nfe": 1, "step": 7}))
   return wd
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import REPO
 from simjax.data import augment as augment_lib
 from simjax.losses import dsm
 from simjax.networks import precond as precond_lib
 from simjax.parallel import mesh as mesh_lib
-from simjax.pipelines.image_defaults import base_config
+from simjax import config_files
 from simjax.training import sim_steps
-from simjax.training.networks import Denoiser, DistillNetworks
+from simjax.training.roles import Denoiser, DistillNetworks
 
 BATCH = 8
 
@@ -38,7 +39,7 @@ def _setup(augment_dim):
 
 
 def _fake_step(nets, variables, params, inputs, p):
-  config = base_config()
+  config = config_files.load(REPO / "configs" / "common.py").image_config()
   config.batch_size, config.fake_augment_p = BATCH, p
   mesh = mesh_lib.make_mesh((1, 1), devices=jax.devices()[:1])
   consts = {"teacher": variables, "generator": {}, "fake": {}}
@@ -72,7 +73,7 @@ def test_fake_dsm_matches_the_augmented_loss_by_hand(p):
 
 def test_networks_without_augmentation_labels_are_not_augmented():
   nets, _, _, _ = _setup(augment_dim=0)
-  config = base_config()
+  config = config_files.load(REPO / "configs" / "common.py").image_config()
   assert config.fake_augment_p == 0.12 and sim_steps.fake_augment_probability(config, nets) == 0.0
   nets9, _, _, _ = _setup(augment_dim=9)
   assert sim_steps.fake_augment_probability(config, nets9) == 0.12

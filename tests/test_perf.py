@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import REPO
 from simjax.networks import precond as precond_lib
 from simjax.parallel import mesh as mesh_lib
-from simjax.pipelines.image_defaults import base_config
+from simjax import config_files
 from simjax.training import perf, sim_steps
-from simjax.training.networks import Denoiser, DistillNetworks
+from simjax.training.roles import Denoiser, DistillNetworks
 
 # One resolution level (8x8) with attention: few ops, so each variant compiles in seconds.
 ARCH = precond_lib.edm_preset_arch("ddpmpp", img_resolution=8, img_channels=1, model_channels=16, channel_mult=(1,),
@@ -35,7 +36,7 @@ BF16_MIN_DIFF = 1e-4  # below this the bfloat16 path was not taken
 
 
 def _config(**perf_overrides):
-  c = base_config()
+  c = config_files.load(REPO / "configs" / "common.py").image_config()
   c.batch_size = BATCH
   c.loss.huber_c_per_dim = 0.1
   for key, value in perf_overrides.items():

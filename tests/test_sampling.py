@@ -15,7 +15,7 @@ _SCRIPT = textwrap.dedent("""
     from simjax import sampling
     from simjax.errors import UserError
     from simjax.parallel import mesh as mesh_lib
-    from simjax.training.networks import one_hot_labels
+    from simjax.training.roles import one_hot_labels
 
     W = jnp.asarray(np.random.default_rng(0).normal(size=(6, 6)), jnp.float32)
     def batch_fn(p, z, labels):  # each row depends on its own latent and label only

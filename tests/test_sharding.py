@@ -254,7 +254,7 @@ def case_teacher(meshes):
   from simjax.networks.mlp import MLPDenoiser  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import teacher_steps  # pylint: disable=import-outside-toplevel
-  from simjax.training.networks import Denoiser  # pylint: disable=import-outside-toplevel
+  from simjax.training.roles import Denoiser  # pylint: disable=import-outside-toplevel
 
   c = ml_collections.ConfigDict()
   c.batch_size, c.seed, c.sigma_data, c.p_mean, c.p_std = 64, 3, 0.5, -1.2, 1.2

@@ -15,14 +15,14 @@ import pytest
 
 from simjax.losses import generator as generator_losses
 from simjax.losses import sim
-from simjax.teachers import gmm
+from simjax.teachers import mixture
 
 N = 400_000     # Monte-Carlo samples; the surrogate and the divergence share them (common random numbers)
 REL_TOL = 0.04  # relative error allowed between the MC gradient and the FD gradient
 H = 1e-3        # finite-difference step (float64)
 
-GAUSSIAN = gmm.Mixture(jnp.array([[0.3, -0.2]]), jnp.array([[0.6, 0.4]]), jnp.array([1.0]))
-MIXTURE = gmm.Mixture(jnp.array([[-1.0, 0.0], [1.0, 0.5], [0.0, -1.2]]),
+GAUSSIAN = mixture.Mixture(jnp.array([[0.3, -0.2]]), jnp.array([[0.6, 0.4]]), jnp.array([1.0]))
+MIXTURE = mixture.Mixture(jnp.array([[-1.0, 0.0], [1.0, 0.5], [0.0, -1.2]]),
                       jnp.array([[0.3, 0.3], [0.4, 0.2], [0.25, 0.5]]), jnp.array([0.3, 0.5, 0.2]))
 THETA0 = {"m": jnp.array([0.1, 0.2]), "L": jnp.array([[0.9, 0.0], [0.3, 0.7]])}
 
@@ -46,7 +46,7 @@ def gradients(teacher, distance, sigma, detach=False, seed=0):
   z = jax.random.normal(key_z, (N, 2), jnp.float64)
   eps = jax.random.normal(key_e, (N, 2), jnp.float64)
   sig = jnp.full((N,), sigma, jnp.float64)
-  d_p = lambda x: gmm.denoise(teacher, x, sig)
+  d_p = lambda x: mixture.denoise(teacher, x, sig)
 
   # Exact divergence on fixed samples x ~ q_theta0 (the expectation's measure is under stop-gradient).
   x_fixed = THETA0["m"] + z @ THETA0["L"].T + sigma * eps
@@ -128,7 +128,7 @@ def test_sim_l2_equals_sid_alpha_one():
 
 def test_fake_params_get_no_gradient():
   """The stop-gradient sits on the fake score's parameters: d/dpsi of the generator loss is zero."""
-  teacher = lambda p, x, s: gmm.denoise(MIXTURE, x, s)
+  teacher = lambda p, x, s: mixture.denoise(MIXTURE, x, s)
   fake = lambda p, x, s: x * p["a"]
   z = jax.random.normal(jax.random.key(1), (32, 2))
   eps = jax.random.normal(jax.random.key(2), (32, 2))

@@ -10,7 +10,7 @@ import pytest
 from simjax.networks.precond import (EDMPrecond, VEPrecond, VPPrecond, build_precond, count_params,
                                      edm_preset_arch, param_shapes)
 from simjax.networks.songunet import SongUNet
-from simjax.teachers.edm import convert_state_dict
+from simjax.teachers.edm_checkpoints import convert_state_dict
 from simjax.torch_files import load_state_dict
 
 from conftest import FIXTURES  # tests/fixtures, in the repository

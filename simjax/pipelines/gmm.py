@@ -27,10 +27,10 @@ from simjax.networks.mlp import MLPDenoiser
 from simjax.errors import UserError
 from simjax.parallel import mesh as mesh_lib
 from simjax.pipelines import common
-from simjax.teachers import gmm
+from simjax.teachers import mixture
 from simjax.training import distill
 from simjax.training import state as state_lib
-from simjax.training.networks import Denoiser, DistillNetworks
+from simjax.training.roles import Denoiser, DistillNetworks
 
 
 class Standardization(NamedTuple):
@@ -44,7 +44,7 @@ class Standardization(NamedTuple):
     return x * self.scale + self.shift
 
 
-def standardize(mix: gmm.Mixture, sigma_data: float):
+def standardize(mix: mixture.Mixture, sigma_data: float):
   """The mixture in model units (overall mean 0, per-coordinate RMS std sigma_data)."""
   w = np.asarray(mix.weights)[:, None]
   means, stds = np.asarray(mix.means), np.asarray(mix.stds)
@@ -52,21 +52,21 @@ def standardize(mix: gmm.Mixture, sigma_data: float):
   var = (w * (stds**2 + (means - mean) ** 2)).sum(0)
   scale = float(np.sqrt(var.mean()) / sigma_data)
   t = Standardization(mean.astype(np.float32), scale)
-  model_mix = gmm.Mixture(jnp.asarray(t.to_model(means)), jnp.asarray(stds / scale), mix.weights)
+  model_mix = mixture.Mixture(jnp.asarray(t.to_model(means)), jnp.asarray(stds / scale), mix.weights)
   return model_mix, t
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """The analytic side of a gmm run: the mixture in data units, in model units, and the map between them."""
-  mix: gmm.Mixture
-  model_mix: gmm.Mixture
+  mix: mixture.Mixture
+  model_mix: mixture.Mixture
   standardization: Standardization
 
 
 def build(config) -> Tuple[distill.Distillation, Problem]:
   """The distillation (mesh, networks, teacher constants, the MLP's warm start) and its mixture."""
-  mix = gmm.mixture_from_config(config.teacher)
+  mix = mixture.mixture_from_config(config.teacher)
   model_mix, standardization = standardize(mix, float(config.sigma_data))
   dim = int(model_mix.means.shape[1])
   mesh = mesh_lib.make_mesh(config.mesh_shape)
@@ -74,11 +74,11 @@ def build(config) -> Tuple[distill.Distillation, Problem]:
                     emb_features=int(config.model.emb_features), dropout=float(config.model.dropout),
                     sigma_data=float(config.sigma_data))
   nets = DistillNetworks(generator=Denoiser(mlp), fake=Denoiser(mlp),
-                         teacher=Denoiser(gmm.GaussianMixtureDenoiser()), data_shape=(dim,), label_dim=0,
+                         teacher=Denoiser(mixture.GaussianMixtureDenoiser()), data_shape=(dim,), label_dim=0,
                          sigma_init=float(config.sigma_init))
   distillation = distill.Distillation(
       mesh=mesh, nets=nets, init_fn=functools.partial(_warm_start, mlp, model_mix, config),
-      consts={"teacher": gmm.teacher_variables(model_mix), "generator": {}, "fake": {}},
+      consts={"teacher": mixture.teacher_variables(model_mix), "generator": {}, "fake": {}},
       optimizers={"generator": state_lib.make_optimizer(config.optim.generator),
                   "fake": state_lib.make_optimizer(config.optim.fake)})
   return distillation, Problem(mix=mix, model_mix=model_mix, standardization=standardization)
@@ -105,7 +105,7 @@ def _warm_start(mlp, model_mix, config):
   return {"generator": p, "fake": jax.tree.map(jnp.copy, p)}
 
 
-def fit_teacher_copy(mlp, model_mix: gmm.Mixture, config):
+def fit_teacher_copy(mlp, model_mix: mixture.Mixture, config):
   """Regresses the MLP onto the analytic teacher's denoiser over EDM's noise levels (deterministic).
 
   x_t comes from the teacher's own distribution diffused to sigma; the target is the exact D_p.
@@ -118,10 +118,10 @@ def fit_teacher_copy(mlp, model_mix: gmm.Mixture, config):
 
   def loss_fn(p, k):
     k_x, k_s, k_e = jax.random.split(k, 3)
-    x0, _ = gmm.sample(model_mix, k_x, int(cfg.copy_batch))
+    x0, _ = mixture.sample(model_mix, k_x, int(cfg.copy_batch))
     sigma, eps = dsm.draw_dsm_noise(k_s, x0.shape, float(cfg.copy_p_mean), float(cfg.copy_p_std))
     x_t = x0 + sigma[:, None] * eps
-    target = gmm.denoise(model_mix, x_t, sigma)
+    target = mixture.denoise(model_mix, x_t, sigma)
     pred = mlp.apply({"params": p}, x_t, sigma)
     return jnp.mean(edm.edm_loss_weight(sigma, float(config.sigma_data)) * jnp.sum((pred - target) ** 2, -1))
 
@@ -146,7 +146,7 @@ def validate(config, mode: str):
     raise UserError(f"mode {mode!r} is not available for the gmm pipeline (its teacher is analytic); use "
                     f"--mode={' / '.join(MODES)}.")
   common.validate_common(config)
-  mix = gmm.mixture_from_config(config.teacher)
+  mix = mixture.mixture_from_config(config.teacher)
   model_mix, t = standardize(mix, float(config.sigma_data))
   narrowest = float(np.min(np.asarray(model_mix.stds)) / float(config.sigma_data))
   if not np.isfinite(t.scale) or not t.scale > 0 or not np.all(np.isfinite(np.asarray(model_mix.means))):
@@ -205,18 +205,18 @@ def evaluate(config, workdir, distillation: distill.Distillation, problem: Probl
   gen_x = std.to_data(gen_model)
 
   teacher = jax.jit(lambda z: samplers.heun_sample(
-      lambda x, s: gmm.denoise(problem.model_mix, x, s), z, num_steps=int(config.eval.teacher_steps),
+      lambda x, s: mixture.denoise(problem.model_mix, x, s), z, num_steps=int(config.eval.teacher_steps),
       sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max), rho=float(config.rho)))
   z = jax.random.normal(jax.random.key(seed + 1), (n,) + nets.data_shape, jnp.float32)
   teacher_x = std.to_data(np.asarray(teacher(z)))
-  truth, _ = gmm.sample(mix, jax.random.key(seed + 2), n)
-  reference, _ = gmm.sample(mix, jax.random.key(seed + 3), n)
+  truth, _ = mixture.sample(mix, jax.random.key(seed + 2), n)
+  reference, _ = mixture.sample(mix, jax.random.key(seed + 3), n)
   truth, reference = np.asarray(truth), np.asarray(reference)
 
   weights = np.asarray(mix.weights).tolist()
   def measure(x, nfe):
     # Mode statistics are invariant under the standardisation: take them in model units, where float32 is safe.
-    mass, off = gmm.mode_statistics(problem.model_mix, std.to_model(np.asarray(x, np.float64)).astype(np.float32))
+    mass, off = mixture.mode_statistics(problem.model_mix, std.to_model(np.asarray(x, np.float64)).astype(np.float32))
     return {
         "nfe": nfe,
         "sliced_w2": metrics_lib.sliced_w2(x, truth, int(config.eval.num_projections), seed),
@@ -225,7 +225,7 @@ def evaluate(config, workdir, distillation: distill.Distillation, problem: Probl
         "mode_weight": weights,
         "mode_mass_max_abs_error": float(np.max(np.abs(mass - np.asarray(weights)))),
         "off_mode_mass": off,
-        "off_mode_quantile": gmm.OFF_MODE_QUANTILE,
+        "off_mode_quantile": mixture.OFF_MODE_QUANTILE,
         "num_samples": int(len(x)),
     }
   results = {

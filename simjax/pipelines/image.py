@@ -7,7 +7,6 @@ Stages, each resumable from the workdir:
   generator/  the EMA generator exported with its arch and sigma_init;
   eval/       Frechet distances (digit-classifier features or FID Inception), class histograms.
 """
-import functools
 import time
 
 import jax
@@ -15,76 +14,25 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from simjax import data as data_lib
 from simjax import exported, storage, tensorboard
 from simjax.errors import UserError
 from simjax.eval import report
 from simjax.networks import precond as precond_lib
 from simjax.parallel import mesh as mesh_lib
-from simjax.pipelines import common, image_eval
-from simjax.teachers import edm as edm_teachers
+from simjax.pipelines import common, image_eval, image_teacher
+from simjax.teachers import edm_checkpoints
 from simjax.training import distill
-from simjax.training import loop as loop_lib
 from simjax.training import state as state_lib
-from simjax.training import teacher_steps
-from simjax.training.networks import Denoiser, DistillNetworks, split_variables
+from simjax.training.roles import Denoiser, DistillNetworks, split_variables
 
 MODES = ("train_and_eval", "train", "train_teacher", "eval", "sample")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data and architecture
-
-def load_data(config):
-  """(train, heldout) splits of the configured dataset, NHWC in [-1, 1]."""
-  name = config.data.name
-  if name == "digits":
-    from simjax.data import digits  # pylint: disable=import-outside-toplevel
-    return digits.load_digits_splits(float(config.data.holdout_fraction), int(config.data.split_seed))
-  if name == "cifar10":
-    from simjax.data import cifar10  # pylint: disable=import-outside-toplevel
-    return cifar10.load_splits(config.data.data_dir)
-  raise UserError(f"unknown dataset {name!r}; set --config.data.name to 'digits' or 'cifar10'.")
-
-
-def data_shape(config):
-  return tuple(int(s) for s in config.data.shape)
-
-
-def teacher_arch_from_config(config):
-  """The architecture of a teacher trained in this run (EDM preset + overrides from config.teacher.arch)."""
-  a = dict(config.teacher.arch.to_dict())
-  preset = a.pop("preset", "ddpmpp")
-  shape = data_shape(config)
-  return precond_lib.edm_preset_arch(preset, img_resolution=shape[0], img_channels=shape[2],
-                                     label_dim=int(config.label_dim), **a)
-
-
-def teacher_dir(workdir):
-  return epath.Path(workdir) / "teacher"
-
-
-def resolve_teacher_path(config, workdir):
-  if config.teacher.kind == "train":
-    return teacher_dir(workdir) / "final"
-  return epath.Path(config.teacher.checkpoint)
-
-
-def check_arch_matches(arch, config, source):
-  """Teacher resolution, channels and label count must agree with the data and config."""
-  shape = data_shape(config)
-  got = (int(arch["img_resolution"]), int(arch["img_channels"]), int(arch.get("label_dim", 0)))
-  want = (shape[0], shape[2], int(config.label_dim))
-  names = ("resolution", "channels", "label count")
-  for n, g, w in zip(names, got, want):
-    if g != w:
-      raise UserError(f"teacher {source} has {n} {g} but the config expects {w}; point config.teacher.checkpoint at "
-                      f"a matching teacher or set config.data.shape / config.label_dim to match it.")
 
 
 def validate(config, mode):
   if mode not in MODES:
     raise UserError(f"mode {mode!r} is not available for the image pipeline; use one of {MODES}.")
-  shape = data_shape(config)
+  shape = data_lib.data_shape(config)
   mesh = common.validate_common(config, int(np.prod(shape)))
   # Sampling splits each eval batch over every device: checked here, before a run trains for hours.
   mesh_lib.check_batch_divisible(int(config.eval.batch_size), mesh, "eval.batch_size")
@@ -101,102 +49,30 @@ def validate(config, mode):
     common.validate_ema(tt, "teacher_train.")
     state_lib.make_optimizer(tt.optim)
     mesh_lib.check_batch_divisible(int(tt.batch_size), mesh_lib.make_mesh(config.mesh_shape), "teacher_train.batch_size")
-    precond_lib.build_precond(teacher_arch_from_config(config))
+    precond_lib.build_precond(image_teacher.teacher_arch_from_config(config))
   elif config.teacher.kind == "checkpoint":
     path = epath.Path(config.teacher.checkpoint or "")
     if not config.teacher.checkpoint or not path.exists():
       raise UserError(f"teacher checkpoint {config.teacher.checkpoint!r} not found; set "
                        "--config.teacher.checkpoint to an EDM network pickle, a state dict or a converted directory.")
     if mode != "sample" or config.sample.source == "teacher":
-      teacher = read_teacher(str(path))  # the whole file is read and checked before the workdir is touched
-      check_arch_matches(teacher.arch, config, str(path))
+      teacher = image_teacher.read_teacher(str(path))  # the whole file is read and checked before the workdir is touched
+      image_teacher.check_arch_matches(teacher.arch, config, str(path))
   else:
     raise UserError(f"unknown teacher.kind {config.teacher.kind!r}; use 'train' or 'checkpoint'.")
-
-
-@functools.lru_cache(maxsize=2)
-def read_teacher(path: str):
-  """The teacher at `path`, read once per process (validation reads it, the run reuses it).
-
-  Any failure to read a user's file (empty, truncated, not a pickle, an unsafe pickle, a state dict that
-  does not fit its architecture) is one UserError line naming the file and what simjax accepts.
-  """
-  try:
-    return edm_teachers.load_teacher(path)
-  except UserError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  # an untrusted file: every failure is bad input
-    detail = " ".join(str(e).replace(path, "it").split())
-    detail = (detail if len(detail) <= 200 else detail[:197] + "...") or type(e).__name__
-    raise UserError(f"cannot read the teacher checkpoint {path} ({type(e).__name__}: {detail}); point "
-                    "--config.teacher.checkpoint at an EDM .pkl, a .pt/.npz state dict with arch.json beside it, "
-                    "or a `python -m simjax.convert_edm` directory.") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1: teacher training
-
-def train_teacher(config, workdir, mesh):
-  """Trains the teacher with EDM's loss (resumable); exports the EMA to teacher/final. Returns status."""
-  final = teacher_dir(workdir) / "final"
-  if (final / "arch.json").exists():
-    return "done"
-  tt = config.teacher_train
-  arch = teacher_arch_from_config(config)
-  module = precond_lib.build_precond(arch)
-  denoiser = Denoiser(module)
-  train, _ = load_data(config)
-  optimizer = state_lib.make_optimizer(tt.optim)
-
-  def init_fn():
-    # Non-partitionable threefry only for init: the partitionable one compiles EDM's many draws very slowly.
-    with jax.threefry_partitionable(False):
-      params, _ = split_variables(jax.jit(precond_lib.init_params, static_argnums=0)(module, jax.random.key(int(tt.seed))))
-    return {"denoiser": params}
-
-  checkpointer, writer = common.open_stage(config, workdir, stage="teacher/checkpoints",
-                                           metrics_file="teacher/metrics.jsonl", interval=int(tt.checkpoint_every),
-                                           name="teacher")
-  try:
-    (teacher_dir(workdir)).mkdir(parents=True, exist_ok=True)
-    state, shardings, specs = distill.setup_state({"denoiser": optimizer}, config, mesh, checkpointer,
-                                                  init_fn=init_fn, ema_names=("denoiser",))
-    consts = jax.device_put({"data": train.x, "labels": train.labels, "scale": np.float32(1.0),
-                             "shift": np.float32(0.0), "extra": {}}, mesh_lib.replicated(mesh))
-    step = teacher_steps.make_teacher_step(denoiser, _teacher_step_config(config), mesh, specs.params["denoiser"],
-                                           optimizer, label_dim=int(config.label_dim), num_examples=len(train.x))
-    compiled = distill.compile_logged(jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)),
-                                      "teacher step", state, consts)
-    state, status = loop_lib.run_loop(
-        state=state, step_fn=lambda _: compiled, consts=consts, num_steps=int(tt.num_steps),
-        checkpointer=checkpointer, writer=writer, log_every=int(tt.log_every),
-        max_nonfinite_streak=int(config.max_nonfinite_streak), stage="teacher", progress_keys=("loss",))
-  finally:
-    checkpointer.close()
-  if status == "done" and jax.process_index() == 0:
-    edm_teachers.save_converted(final, arch, {"params": jax.device_get(state.ema["denoiser"])})
-  return status
-
-
-def _teacher_step_config(config):
-  """The teacher step reads its own section plus the shared EDM constants."""
-  tt = config.teacher_train.to_dict()
-  tt.update(sigma_data=config.sigma_data, debug=config.debug.to_dict())
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  return ml_collections.ConfigDict(tt)
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 2: SIM distillation
 
 def build_distillation(config, workdir, mesh):
-  path = resolve_teacher_path(config, workdir)
-  teacher = read_teacher(str(path))
-  check_arch_matches(teacher.arch, config, str(path))
+  path = image_teacher.resolve_teacher_path(config, workdir)
+  teacher = image_teacher.read_teacher(str(path))
+  image_teacher.check_arch_matches(teacher.arch, config, str(path))
   module = teacher.module
   teacher_params, extra = split_variables(teacher.params)
   nets = DistillNetworks(generator=Denoiser(module), fake=Denoiser(module), teacher=Denoiser(module),
-                         data_shape=data_shape(config), label_dim=int(config.label_dim),
+                         data_shape=data_lib.data_shape(config), label_dim=int(config.label_dim),
                          sigma_init=float(config.sigma_init))
   return distill.Distillation(
       mesh=mesh, nets=nets, arch=teacher.arch,
@@ -214,7 +90,7 @@ def export_generator(workdir, distillation: distill.Distillation, state, config)
   info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step))}
   # A continued run replaces its earlier export whole.
   with storage.staged_directory(epath.Path(workdir) / "generator", replace=True) as staging:
-    edm_teachers.write_converted(staging, dict(distillation.arch), {"params": jax.device_get(state.ema["generator"])})
+    edm_checkpoints.write_converted(staging, dict(distillation.arch), {"params": jax.device_get(state.ema["generator"])})
     report.write_json(staging / exported.INFO_FILE, info)
 
 
@@ -249,7 +125,7 @@ def run(config, workdir, mode="train_and_eval"):
     return image_eval.sample_mode(config, workdir)
   if config.teacher.kind == "train" and mode in ("train_and_eval", "train", "train_teacher"):
     t0 = time.time()
-    if train_teacher(config, workdir, mesh) != "done":
+    if image_teacher.train_teacher(config, workdir, mesh) != "done":
       return "preempted"
     timings["teacher_train_seconds"] = time.time() - t0
     if mode == "train_teacher":

@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from simjax import data as data_lib
 from simjax import exported, sampling, storage, tensorboard
 from simjax.diffusion import samplers
 from simjax.errors import UserError
 from simjax.eval import fid as fid_lib
 from simjax.eval import report
 from simjax.parallel import mesh as mesh_lib
+from simjax.pipelines import image_teacher
 from simjax.training import distill
 
 
@@ -167,7 +169,6 @@ def measure(features, ref_stats, x_local, labels_local, nfe, num_classes, *, mes
 
 def evaluate(config, workdir, distillation: distill.Distillation, state):
   """Writes samples/{generator,teacher}.npz, grids, and returns the eval/final.json dict."""
-  from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   nets, mesh = distillation.nets, distillation.mesh
   n, seed, batch = int(config.eval.num_samples), int(config.eval.seed), int(config.eval.batch_size)
@@ -185,7 +186,7 @@ def evaluate(config, workdir, distillation: distill.Distillation, state):
   t_tea = time.time()
 
   say(f"eval: {config.eval.features} features (reference statistics, then each source)", flush=True)
-  train, heldout = image_pipeline.load_data(config)
+  train, heldout = data_lib.load_splits(config)
   features = make_features(config, workdir, train, mesh)
   ref = reference_stats(config, features, train, mesh)
   share = process_share(len(heldout.x))
@@ -220,7 +221,6 @@ def evaluate(config, workdir, distillation: distill.Distillation, state):
 def periodic_eval_hook(config, workdir, distillation: distill.Distillation):
   """Every config.eval.every steps: Frechet distance of config.eval.periodic_samples EMA-generator samples,
   appended to eval/periodic.jsonl (the cheap running FID; the full count runs at the end)."""
-  from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
   cache = {}
   nets, mesh = distillation.nets, distillation.mesh
   batch = int(config.eval.batch_size)
@@ -229,7 +229,7 @@ def periodic_eval_hook(config, workdir, distillation: distill.Distillation):
 
   def hook(step, state):
     if not cache:
-      train, _ = image_pipeline.load_data(config)
+      train, _ = data_lib.load_splits(config)
       cache["features"] = make_features(config, workdir, train, mesh)
       cache["ref"] = reference_stats(config, cache["features"], train, mesh)
     num = int(config.eval.periodic_samples)
@@ -289,9 +289,8 @@ def sample_mode(config, workdir, mesh=None):
     x, labels = generator.sample(num, seed, batch_size=batch, return_labels=True, mesh=mesh,
                                  describe="sample: generator 1 NFE")
   elif source == "teacher":
-    from simjax.pipelines import image as image_pipeline  # pylint: disable=import-outside-toplevel
-    path = path or image_pipeline.resolve_teacher_path(config, workdir)
-    teacher = image_pipeline.read_teacher(str(path))
+    path = path or image_teacher.resolve_teacher_path(config, workdir)
+    teacher = image_teacher.read_teacher(str(path))
     out = make_teacher_sampler(teacher.module, config, mesh, teacher.label_dim)(teacher.params, num, seed, "sample")
     x, labels = np.clip(out.x, -1.0, 1.0), out.labels
   else:

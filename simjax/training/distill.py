@@ -18,7 +18,7 @@ from simjax.training import checkpoint as ckpt_lib
 from simjax.training import loop as loop_lib
 from simjax.training import sim_steps
 from simjax.training import state as state_lib
-from simjax.training.networks import DistillNetworks
+from simjax.training.roles import DistillNetworks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import ml_collections
 
 from simjax import host_memory
 from simjax.errors import UserError
-from simjax.training.networks import Denoiser, DistillNetworks
+from simjax.training.roles import Denoiser, DistillNetworks
 
 NETWORKS = ("generator", "teacher", "fake")
 # none: keep every activation; blocks: each UNet block under jax.checkpoint (flax nn.remat; saves block

@@ -20,7 +20,7 @@ from simjax.losses import generator as generator_losses
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import perf as perf_lib
 from simjax.training import state as state_lib
-from simjax.training.networks import DistillNetworks, one_hot_labels
+from simjax.training.roles import DistillNetworks, one_hot_labels
 
 
 def device_index(mesh):

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from simjax.losses import dsm
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import state as state_lib
-from simjax.training.networks import Denoiser
+from simjax.training.roles import Denoiser
 from simjax.training.sim_steps import average_grads, constrain_batch, device_index, inject_nonfinite
 
 

@@ -1,10 +1,13 @@
-"""Defaults of every image config (SIM on EDM teachers; DESIGN.md section 1); configs/*.py derive from these."""
+"""Defaults shared by configs/*.py (flax examples' `default.py` habit); each config overrides what it changes.
+
+Load it from a config with `simjax.config_files.sibling(__file__, "common")`.
+"""
 import ml_collections
 
 from simjax.training import perf
 
 
-def _adam(lr):
+def adam(lr):
   o = ml_collections.ConfigDict()
   o.lr = lr
   o.b1 = 0.0          # SiD/SIM: Adam without momentum
@@ -15,10 +18,58 @@ def _adam(lr):
   return o
 
 
-def base_config():
+def shared_config(pipeline: str):
+  """What every config has: seeds, EDM's noise constants, the generator loss, fake-score and optimiser
+  settings, the mesh, logging and checkpoints, perf and debug switches."""
   c = ml_collections.ConfigDict()
-  c.pipeline = "image"
+  c.pipeline = pipeline
   c.seed = 0
+
+  c.sigma_data = 0.5
+  c.sigma_min = 0.002
+  c.sigma_max = 80.0
+  c.rho = 7.0
+  c.sigma_init = 2.5                  # generator input sigma_init * z at sigma_init (SIM/SiD); stored with the generator
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "sim"                 # the generator loss (simjax/losses/generator.py LOSSES)
+  c.loss.distance = "pseudo_huber"    # or "l2"
+  c.loss.normalize = True             # divide by sg(mean |x0 - D_p(x_t)|) (DMD/SiD weight)
+  c.loss.normalize_floor = 1e-5
+  # t ~ U[0, t_max], sigma = (s_max^(1/rho) + (1 - t)(s_min^(1/rho) - s_max^(1/rho)))^rho (SiD's direction):
+  # t_max = 0.8 puts the generator loss's sigma in [0.002, 24.4], median ~1.
+  c.loss.t_max = 0.8
+
+  # Fake score: EDM DSM on stop-gradient generator samples.
+  c.fake_p_mean = -1.2
+  c.fake_p_std = 1.2
+  c.fake_steps_per_iteration = 1      # fake-score updates per generator update
+  c.fake_warmup_steps = 0             # iterations with fake-score updates only
+
+  c.batch_size = 256
+  c.optim = ml_collections.ConfigDict()
+  c.optim.generator = adam(1e-5)
+  c.optim.fake = adam(1e-5)
+  c.ema_half_life_images = 500_000.0  # 0.5 Mimg (SiD's sid_train.py --ema 0.5)
+  c.ema_rampup_ratio = 0.05           # half-life <= 0.05 * images seen (SiD's training_loop default)
+
+  c.mesh_shape = (-1, 1)              # ('data', 'fsdp'); one entry may be -1
+  c.fsdp_min_size = 2**14
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.max_nonfinite_streak = 20
+
+  c.perf = perf.default_config()      # compute dtype, remat, fused teacher/fake (simjax/training/perf.py)
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_steps = ()              # tests: steps whose loss is forced to NaN
+  return c
+
+
+def image_config():
+  """Defaults of every image config (SIM on EDM teachers; DESIGN.md section 1)."""
+  c = shared_config("image")
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""
@@ -40,7 +91,7 @@ def base_config():
   tt.batch_size = 128
   tt.p_mean = -1.2
   tt.p_std = 1.2
-  tt.optim = _adam(1e-3)
+  tt.optim = adam(1e-3)
   tt.optim.b1 = 0.9
   tt.optim.warmup_steps = 100
   tt.ema_half_life_images = 500_000.0
@@ -48,51 +99,19 @@ def base_config():
   tt.log_every = 100
   tt.checkpoint_every = 500
 
-  c.sigma_data = 0.5
-  c.sigma_min = 0.002
-  c.sigma_max = 80.0
-  c.rho = 7.0
-  c.sigma_init = 2.5                  # generator input sigma_init * z at sigma_init; stored with the generator
-
-  c.loss = ml_collections.ConfigDict()
-  c.loss.name = "sim"                 # the generator loss (simjax/losses/generator.py LOSSES)
-  c.loss.distance = "pseudo_huber"    # or "l2"
   # pseudo-Huber c = huber_c_per_dim * sqrt(D), data units ([-1, 1] pixels); 0.3 is the best of the digits
   # sweep (0.01, 0.1, 0.3, 1; README), carried to every image config per dimension.
   c.loss.huber_c_per_dim = 0.3
   c.loss.huber_c = 0.0                # > 0: an absolute c instead (data units)
-  c.loss.normalize = True             # divide by sg(mean |x0 - D_p(x_t)|)
-  c.loss.normalize_floor = 1e-5
-  # t ~ U[0, t_max], sigma = (s_max^(1/rho) + (1 - t)(s_min^(1/rho) - s_max^(1/rho)))^rho (SiD's direction):
-  # t_max = 0.8 puts the generator loss's sigma in [0.002, 24.4], median ~1.
-  c.loss.t_max = 0.8
   # Loss scaling as SiD's --lsg / --ls (run_sid.sh: 100 and 1). Under Adam only eps (1e-8) sees the scale:
   # on the digits default eps is under 1% of sqrt(nu) for all but 0.03% of the generator's parameters
   # (zero-gradient ones), so 1 gives the same steps; SiD's 100 is for fp16 underflow.
   c.loss.generator_scale = 1.0
   c.loss.fake_scale = 1.0
 
-  c.fake_p_mean = -1.2
-  c.fake_p_std = 1.2
-  c.fake_augment_p = 0.12            # EDM's augmentation pipe on the fake score's DSM (SiD --augment 0.12);
+  c.fake_augment_p = 0.12             # EDM's augmentation pipe on the fake score's DSM (SiD --augment 0.12);
                                       # used where the network has augment_dim (EDM's CIFAR-10 nets: 9)
-  c.fake_steps_per_iteration = 1
-  c.fake_warmup_steps = 0
-
-  c.batch_size = 256
   c.num_steps = 200_000
-  c.optim = ml_collections.ConfigDict()
-  c.optim.generator = _adam(1e-5)
-  c.optim.fake = _adam(1e-5)
-  c.ema_half_life_images = 500_000.0  # 0.5 Mimg (SiD's sid_train.py --ema 0.5)
-  c.ema_rampup_ratio = 0.05           # half-life <= 0.05 * images seen (SiD's training_loop default)
-
-  c.mesh_shape = (-1, 1)
-  c.fsdp_min_size = 2**14
-  c.log_every = 100
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
-  c.max_nonfinite_streak = 20
   c.grid_every = 1000
   c.grid_size = 8
 
@@ -114,9 +133,4 @@ def base_config():
   c.sample.checkpoint = ""            # default: workdir/generator or the run's teacher
   c.sample.num = 1000
   c.sample.seed = 0
-
-  c.perf = perf.default_config()      # compute dtype, remat, fused teacher/fake (simjax/training/perf.py)
-
-  c.debug = ml_collections.ConfigDict()
-  c.debug.nan_steps = ()
   return c
