@@ -83,6 +83,9 @@ def image_config():
   c.teacher.kind = "checkpoint"       # 'checkpoint' (EDM pickle / state dict / converted dir) or 'train'
   c.teacher.checkpoint = ""
   c.teacher.arch = ml_collections.ConfigDict(dict(preset="ddpmpp"))
+  # Classifier-free guidance weight w of a class-conditional teacher: D_null + w (D_c - D_null); 1 = none.
+  # The generator and fake score stay conditional and unguided (simjax/teachers/guidance.py).
+  c.teacher.guidance = 1.0
 
   # Teacher training (teacher.kind == 'train'): EDM's loss, Adam with warm-up, EMA half-life in images.
   tt = c.teacher_train = ml_collections.ConfigDict()
@@ -91,6 +94,7 @@ def image_config():
   tt.batch_size = 128
   tt.p_mean = -1.2
   tt.p_std = 1.2
+  tt.label_dropout = 0.0              # class-conditional: fraction of null labels, so CFG has a D_null (e.g. 0.1)
   tt.optim = adam(1e-3)
   tt.optim.b1 = 0.9
   tt.optim.warmup_steps = 100

@@ -21,7 +21,7 @@ from simjax.eval import report
 from simjax.networks import precond as precond_lib
 from simjax.parallel import mesh as mesh_lib
 from simjax.pipelines import common, image_eval, image_teacher
-from simjax.teachers import edm_checkpoints
+from simjax.teachers import edm_checkpoints, guidance
 from simjax.training import distill
 from simjax.training import state as state_lib
 from simjax.training.roles import Denoiser, DistillNetworks, split_variables
@@ -34,6 +34,7 @@ def validate(config, mode):
     raise UserError(f"mode {mode!r} is not available for the image pipeline; use one of {MODES}.")
   shape = data_lib.data_shape(config)
   mesh = common.validate_common(config, int(np.prod(shape)))
+  guidance.check_config(config)
   # Sampling splits each eval batch over every device: checked here, before a run trains for hours.
   mesh_lib.check_batch_divisible(int(config.eval.batch_size), mesh, "eval.batch_size")
   if len(shape) != 3 or shape[0] != shape[1]:

@@ -22,6 +22,7 @@ from simjax.eval import fid as fid_lib
 from simjax.eval import report
 from simjax.parallel import mesh as mesh_lib
 from simjax.pipelines import image_teacher
+from simjax.teachers import guidance
 from simjax.training import distill
 
 
@@ -123,13 +124,15 @@ def make_teacher_sampler(module, config, mesh, label_dim):
   """sample(variables, num, seed) -> sampling.Samples: the teacher's Heun sampler (config.eval.teacher_steps,
   2n-1 NFE) in global batches of config.eval.batch_size split over the mesh; the step compiles once."""
   steps = int(config.eval.teacher_steps)
+  weight = guidance.weight_of(config)  # classifier-free guidance of a class-conditional teacher (1 = none)
   batch_fn = sampling.make_heun_batch_fn(
-      lambda v, x, s, labels: module.apply(v, x, s, labels), mesh, num_steps=steps,
+      lambda v, x, s, labels: guidance.guided(lambda x_, s_, l_: module.apply(v, x_, s_, l_), weight)(x, s, labels),
+      mesh, num_steps=steps,
       sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max), rho=float(config.rho))
   shape = (module.img_resolution, module.img_resolution, module.img_channels)
   batch = int(config.eval.batch_size)
   noise = sampling.make_noise_fn(batch, shape, label_dim, mesh)
-  describe = f"teacher Heun {samplers.num_function_evals(steps)} NFE"
+  describe = f"teacher Heun {samplers.num_function_evals(steps)} NFE" + (f", guidance {weight:g}" if weight != 1 else "")
 
   def sample(variables, num, seed, prefix="eval"):
     return sampling.sample(batch_fn, sampling.replicate(variables, mesh), num=num, batch_size=batch, seed=seed,

@@ -18,6 +18,7 @@ from simjax.errors import UserError
 from simjax.losses import dsm
 from simjax.losses import generator as generator_losses
 from simjax.parallel import mesh as mesh_lib
+from simjax.teachers import guidance
 from simjax.training import perf as perf_lib
 from simjax.training import state as state_lib
 from simjax.training.roles import DistillNetworks, one_hot_labels
@@ -79,6 +80,9 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   # SiD's loss scaling (--lsg 100, --ls 1): gradients reach Adam multiplied by these; losses and gradient
   # norms are reported unscaled.
   gen_scale, fake_scale = loss_scales(config)
+  guidance_weight = guidance.weight_of(config)
+  if guidance_weight != 1.0 and opts.fuse_teacher_fake:
+    raise UserError("teacher.guidance != 1 with perf.fuse_teacher_fake: set --config.perf.fuse_teacher_fake=False.")
   augment_p = fake_augment_probability(config, nets)
   bspec = lambda x: None if x is None else mesh_lib.batch_spec(x.ndim)
 
@@ -115,7 +119,9 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
       pair = lambda tp, fp, x, s: perf_lib.paired_denoise(gen_nets.teacher.module, tp, {**consts["fake"], "params": fp},
                                                           x, s, labels)
     teacher_denoise, fake_denoise, denoise_pair = perf_lib.generator_step_denoisers(
-        lambda p, x, s: gen_nets.teacher.apply(p.get("params"), p, x, s, labels),
+        # The teacher, classifier-free guided where config.teacher.guidance != 1 (teachers/guidance.py).
+        lambda p, x, s: guidance.guided(lambda x_, s_, l_: gen_nets.teacher.apply(p.get("params"), p, x_, s_, l_),
+                                        guidance_weight)(x, s, labels),
         # Fake score frozen (no dropout) inside the generator step; stop-gradient on its params (in the loss).
         lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, labels),
         pair, opts)

@@ -12,6 +12,7 @@ from simjax.losses import dsm
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import state as state_lib
 from simjax.training.roles import Denoiser
+from simjax.teachers import guidance
 from simjax.training.sim_steps import average_grads, constrain_batch, device_index, inject_nonfinite
 
 
@@ -40,6 +41,8 @@ def make_teacher_step(denoiser: Denoiser, config, mesh, specs, optimizer, *, lab
     idx = jax.random.randint(k_idx, (batch,), 0, num_examples)
     x0 = constrain_batch(consts["data"][idx].astype(jnp.float32) * consts["scale"] + consts["shift"], mesh)
     labels = None if not label_dim else constrain_batch(jax.nn.one_hot(consts["labels"][idx], label_dim), mesh)
+    # Condition dropout: the null label on a fraction of rows, so the teacher also learns D(x, sigma, null) (CFG).
+    labels = guidance.drop_labels(jax.random.fold_in(key, 3), labels, float(config.get("label_dropout", 0.0)))
     sigma, eps = dsm.draw_dsm_noise(k_noise, x0.shape, float(config.p_mean), float(config.p_std))
     bspec = lambda a: None if a is None else mesh_lib.batch_spec(a.ndim)
     fn = jax.shard_map(local, mesh=mesh, check_vma=False,
