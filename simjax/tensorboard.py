@@ -114,9 +114,17 @@ def for_stage(workdir, stage: str) -> Optional[StageWriter]:
 
 
 def image(workdir, stage: str, step: int, tag: str, picture):
+  """One image of (workdir, stage) at `step`, from process 0 (a no-op elsewhere)."""
   writer = for_stage(workdir, stage)
   if writer is not None:
     writer.image(step, tag, picture)
+
+
+def scalars(workdir, stage: str, step: int, row: dict):
+  """The numbers of `row` as scalars of (workdir, stage) at `step`, from process 0 (a no-op elsewhere)."""
+  writer = for_stage(workdir, stage)
+  if writer is not None:
+    writer.scalars(step, row)
 
 
 def close_all():

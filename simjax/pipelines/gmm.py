@@ -247,11 +247,9 @@ def evaluate(config, workdir, distillation: distill.Distillation, problem: Probl
          ("truth", truth)])
     report.write_png(f"{workdir}/samples/scatter.png", scatter)
     tensorboard.image(workdir, "sim", results["generator"]["step"], "samples/scatter", scatter)
-  board = tensorboard.for_stage(workdir, "sim")
-  if board is not None:
-    board.scalars(results["generator"]["step"], {f"eval/{source}_{k}": row[k] for source, row in results.items()
-                                                 for k in ("sliced_w2", "mmd", "off_mode_mass",
-                                                           "mode_mass_max_abs_error")})
+  tensorboard.scalars(workdir, "sim", results["generator"]["step"],
+                      {f"eval/{source}_{k}": row[k] for source, row in results.items()
+                       for k in ("sliced_w2", "mmd", "off_mode_mass", "mode_mass_max_abs_error")})
   logging.info("eval: generator sliced_w2=%.4f teacher=%.4f floor=%.4f", results["generator"]["sliced_w2"],
                results["teacher"]["sliced_w2"], results["reference"]["sliced_w2"])
   if jax.process_index() == 0:

@@ -212,10 +212,8 @@ def evaluate(config, workdir, distillation: distill.Distillation, state):
   report.write_samples(workdir, "generator", gen_x, gen.labels)
   report.write_samples(workdir, "teacher", tea_x, tea.labels)
   write_side_by_side(workdir, tea_x, gen_x, results["teacher"]["nfe"], step=results["generator"]["step"])
-  board = tensorboard.for_stage(workdir, "sim")
-  if board is not None:
-    board.scalars(results["generator"]["step"], {f"eval/{source}_frechet_distance": row["frechet_distance"]
-                                                 for source, row in results.items()})
+  tensorboard.scalars(workdir, "sim", results["generator"]["step"],
+                      {f"eval/{source}_frechet_distance": row["frechet_distance"] for source, row in results.items()})
   say("eval: " + " | ".join(f"{k}: FD={v['frechet_distance']:.3f} nfe={v['nfe']}" for k, v in results.items()),
       flush=True)
   return results
@@ -242,8 +240,7 @@ def periodic_eval_hook(config, workdir, distillation: distill.Distillation):
     row["step"] = int(step)
     if jax.process_index() == 0:
       storage.append_line(epath.Path(workdir) / "eval" / "periodic.jsonl", json.dumps(row) + "\n")
-      tensorboard.for_stage(workdir, "sim").scalars(step, {f"eval/periodic_{k}": v for k, v in row.items()
-                                                           if k != "step"})
+      tensorboard.scalars(workdir, "sim", step, {f"eval/periodic_{k}": v for k, v in row.items() if k != "step"})
       print(f"[eval] step {step}: generator FD={row['frechet_distance']:.3f} "
             f"({row['num_samples']} samples)", flush=True)
   return hook

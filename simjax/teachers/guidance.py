@@ -51,8 +51,8 @@ def guided(denoise: Callable, weight: float) -> Callable:
 
 def weight_of(config) -> float:
   """config.teacher.guidance (1 where the config has none)."""
-  teacher = config.get("teacher") if hasattr(config, "get") else None
-  return float(teacher.get("guidance", 1.0)) if teacher is not None and hasattr(teacher, "get") else 1.0
+  teacher = config.get("teacher")
+  return float(teacher.get("guidance", 1.0)) if teacher else 1.0
 
 
 def check_config(config):

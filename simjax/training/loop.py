@@ -38,7 +38,7 @@ class MetricWriter:
     self.path = self.log.path
     self.stage = stage
     self.enabled = jax.process_index() == 0
-    self.tensorboard = tensorboard.for_stage(workdir, stage) if self.enabled else None
+    self.tensorboard = tensorboard.for_stage(workdir, stage)  # None off process 0, like `enabled`
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
