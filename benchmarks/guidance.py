@@ -34,6 +34,7 @@ def main(argv=None):
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from simjax.pipelines import image_eval  # pylint: disable=import-outside-toplevel
   from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
+  from simjax.conditioning import CondSpace  # pylint: disable=import-outside-toplevel
 
   workdir = Path(args.workdir).resolve()
   teacher = edm_checkpoints.load_teacher(str(workdir / "teacher" / "final"))
@@ -52,7 +53,7 @@ def main(argv=None):
                     "num_samples": len(heldout.x)}), flush=True)
   for weight in (float(w) for w in args.weights.split(",")):
     config.teacher.guidance = weight
-    out = image_eval.make_teacher_sampler(teacher.module, config, mesh, teacher.label_dim)(
+    out = image_eval.make_teacher_sampler(teacher.module, config, mesh, CondSpace(label_dim=teacher.label_dim))(
         teacher.params, args.num, args.seed, f"w={weight:g}")
     x = np.clip(out.x, -1.0, 1.0)
     row = image_eval.measure(features, ref, x, np.argmax(out.labels, -1).astype(np.int32),

@@ -53,6 +53,7 @@ def build_case(case: str, batch: int, dtype: str = "float32"):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from simjax.training import state as state_lib  # pylint: disable=import-outside-toplevel
   from simjax.training.roles import Denoiser, DistillNetworks  # pylint: disable=import-outside-toplevel
+  from simjax.conditioning import CondSpace  # pylint: disable=import-outside-toplevel
 
   config = _simjax_config(batch)
   optimizers = {"generator": state_lib.make_optimizer(config.optim.generator),
@@ -70,7 +71,7 @@ def build_case(case: str, batch: int, dtype: str = "float32"):
     module = precond.build_precond(precond.edm_preset_arch("ddpmpp"), dtype=jnp.dtype(dtype))
     params = _random_like(precond.param_shapes(module)["params"])
     nets = DistillNetworks(generator=Denoiser(module), fake=Denoiser(module), teacher=Denoiser(module),
-                           data_shape=(32, 32, 3), label_dim=0, sigma_init=float(config.sigma_init))
+                           data_shape=(32, 32, 3), cond_space=CondSpace(), sigma_init=float(config.sigma_init))
     consts = {"teacher": {"params": params}, "generator": {}, "fake": {}}
     return config, nets, params, consts, optimizers
   raise ValueError(f"unknown case {case!r}; use gmm or cifar10.")

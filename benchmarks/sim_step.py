@@ -52,6 +52,7 @@ from simjax.training import perf as perf_lib  # noqa: E402
 from simjax.training import sim_steps  # noqa: E402
 from simjax.training import state as state_lib  # noqa: E402
 from simjax.training.roles import Denoiser, DistillNetworks  # noqa: E402
+from simjax.conditioning import CondSpace  # noqa: E402
 
 ALIASES = {"digits": "configs/digits.py", "cifar10": "configs/cifar10.py"}
 _ALL = lambda policy: {f"remat.{n}": policy for n in perf_lib.NETWORKS}
@@ -161,7 +162,7 @@ def build(config, batch, variant):
   variables = random_params(module)
   nets = DistillNetworks(generator=Denoiser(module), fake=Denoiser(module), teacher=Denoiser(module),
                          data_shape=(arch["img_resolution"],) * 2 + (arch["img_channels"],),
-                         label_dim=int(arch.get("label_dim", 0)), sigma_init=float(config.sigma_init))
+                         cond_space=CondSpace(label_dim=int(arch.get("label_dim", 0))), sigma_init=float(config.sigma_init))
   params = variables["params"]
   optimizers = {name: state_lib.make_optimizer(config.optim[name]) for name in ("generator", "fake")}
   # Built by a jitted function so that every leaf is its own buffer (the step donates them all).

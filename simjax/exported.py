@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from simjax import sampling
+from simjax import conditioning, sampling
+from simjax.conditioning import CondSpace
 from simjax.errors import UserError
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import distill
@@ -54,8 +55,8 @@ class Generator:
              return_labels: bool = False, mesh=None, describe: str = ""):
     """`num` images [num, H, W, C], float32 in [-1, 1] (clipped), deterministic in (seed, batch_size).
 
-    cond: None (uniform random classes when class-conditional), integer classes [num], or one-hot
-    [num, label_dim]. The latents depend on the seed only, so one seed with other classes changes only
+    cond: None (conditions drawn: uniform random classes when class-conditional), integer classes
+    [num], one-hot [num, label_dim], or a text condition {'emb', 'mask'} of num rows (simjax.conditioning). The latents depend on the seed only, so one seed with other classes changes only
     the class. Runs over every local device; batch_size (default 256, rounded up to the device
     count) must match `--config.eval.batch_size` to reproduce `--mode=sample` exactly. The mesh (default:
     every device, data-parallel) changes the work split, never the samples.
@@ -63,23 +64,28 @@ class Generator:
     mesh = mesh if mesh is not None else mesh_lib.make_mesh((-1, 1))
     shards = mesh_lib.num_batch_shards(mesh)
     batch = int(batch_size or min(DEFAULT_BATCH, -(-int(num) // shards) * shards))
-    labels = _one_hot(cond, int(num), self.label_dim)
+    cond = _as_cond(cond, int(num), self.nets.cond_space)
     key = (batch, mesh)
     if key not in self._samplers:
-      self._samplers[key] = (distill.make_generator_sampler(self.nets, self.extra, batch, self.label_dim, mesh),
+      self._samplers[key] = (distill.make_generator_sampler(self.nets, self.extra, batch, mesh),
                              sampling.replicate(self.params, mesh))
     sampler, params = self._samplers[key]
-    out = sampler(params, int(num), int(seed), describe, labels=labels)
+    out = sampler(params, int(num), int(seed), describe, cond=cond)
     x = np.clip(out.x, -1.0, 1.0)
-    return (x, out.labels) if return_labels else x
+    return (x, out.cond) if return_labels else x
 
 
-def _one_hot(cond, num: int, label_dim: int):
+def _as_cond(cond, num: int, space: CondSpace):
+  """`cond` as the generator's conditions: integer classes become one-hot; anything else is checked."""
   if cond is None:
     return None
-  cond = np.asarray(cond)
-  if not label_dim:
+  if space.kind == "none":
     raise UserError("this generator is unconditional; call sample() without cond.")
+  if isinstance(cond, dict):
+    space.check(cond, num)
+    return conditioning.as_arrays(cond)
+  cond = np.asarray(cond)
+  label_dim = space.label_dim
   if cond.ndim == 1:
     if cond.shape[0] != num or not np.issubdtype(cond.dtype, np.integer) or cond.min() < 0 or cond.max() >= label_dim:
       raise UserError(f"cond must be {num} integer classes in [0, {label_dim}) or one-hot [{num}, {label_dim}]; "
@@ -97,6 +103,6 @@ def load_generator(path) -> Generator:
   params, extra = split_variables(network.params)
   nets = DistillNetworks(generator=Denoiser(network.module), fake=None, teacher=None,
                          data_shape=(network.img_resolution, network.img_resolution, network.img_channels),
-                         label_dim=int(network.label_dim), sigma_init=float(info["sigma_init"]))
+                         cond_space=CondSpace(label_dim=int(network.label_dim)), sigma_init=float(info["sigma_init"]))
   return Generator(nets=nets, params=jax.device_get(params), extra=extra, step=int(info.get("step", 0)),
                    path=str(folder))

@@ -1,17 +1,17 @@
 """One batched sampler for every sample source (one-step generator, teacher Heun), on any number of hosts.
 
 The samples are a deterministic function of (seed, global batch size): global batch i draws its
-latents and labels from fold_in(key(seed), i), laid out over the mesh's batch axes, so each device
+latents and conditions (simjax.conditioning) from fold_in(key(seed), i), laid out over the mesh's batch axes, so each device
 computes only its rows (threefry is partitionable) and no process repeats another's work. Every
 process keeps the rows its devices computed, with their global row numbers; after the last batch one
-gather puts all rows, labels beside them, in global order on every process. The process count and
+gather puts all rows, conditions beside them, in global order on every process. The process count and
 the mesh layout change the work split, never the samples.
 """
 import dataclasses
 import functools
 import math
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,19 +19,29 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+from simjax import conditioning
+from simjax.conditioning import CondSpace
 from simjax.diffusion import samplers
 from simjax.errors import UserError
 from simjax.parallel import mesh as mesh_lib
-from simjax.training.roles import one_hot_labels
 
 
 @dataclasses.dataclass
 class Samples:
   """All samples (every process holds them) and this process's own rows (for sharded feature extraction)."""
   x: np.ndarray                        # [num, ...] in global order
-  labels: Optional[np.ndarray]         # one-hot [num, label_dim], or None when unconditional
+  cond: Any                            # their conditions, [num, ...] pytree (None when unconditional)
   local_x: np.ndarray                  # the rows this process's devices computed
-  local_labels: Optional[np.ndarray]
+  local_cond: Any
+
+  @property
+  def labels(self) -> Optional[np.ndarray]:
+    """One-hot class labels [num, label_dim] (None when unconditional or text-conditioned)."""
+    return None if conditioning.is_text(self.cond) else self.cond
+
+  @property
+  def local_labels(self) -> Optional[np.ndarray]:
+    return None if conditioning.is_text(self.local_cond) else self.local_cond
 
 
 def check_batch_size(batch_size: int, mesh, what: str = "eval.batch_size"):
@@ -52,7 +62,8 @@ def replicate(tree, mesh):
 
 
 def shard_rows(fn: Callable, mesh) -> Callable:
-  """fn(params, *rows) run per device: params replicated, each rows argument (or None) split by rows.
+  """fn(params, *rows) run per device: params replicated, each rows argument (an array, a condition
+  pytree or None) split by rows.
 
   The result is split by rows like the inputs. Use inside jit.
   """
@@ -67,28 +78,33 @@ def shard_rows(fn: Callable, mesh) -> Callable:
 
     given = [rows[i] for i in present]
     out_ndim = rows[present[0]].ndim if present else 1
-    specs = (P(),) + tuple(mesh_lib.batch_spec(r.ndim) for r in given)
+    specs = (P(),) + tuple(mesh_lib.batch_specs(r) for r in given)
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=mesh_lib.batch_spec(out_ndim),
                          check_vma=False)(params, *given)
   return call
 
 
 def make_heun_batch_fn(denoise: Callable, mesh, **settings) -> Callable:
-  """batch_fn(params, z, labels) for `sample`: EDM's Heun sampler (`samplers.make_stepwise_sampler`,
-  `settings` as there) with denoise(params, x, sigma, labels) run per device on its rows."""
+  """batch_fn(params, z, cond) for `sample`: EDM's Heun sampler (`samplers.make_stepwise_sampler`,
+  `settings` as there) with denoise(params, x, sigma, cond) run per device on its rows."""
   per_device = shard_rows(denoise, mesh)
   stepwise = samplers.make_stepwise_sampler(lambda p, x, s: per_device(p[0], x, s, p[1]), **settings)
-  return lambda params, z, labels: stepwise((params, labels), z)
+  return lambda params, z, cond: stepwise((params, cond), z)
 
 
-def make_noise_fn(batch_size: int, data_shape, label_dim: int, mesh) -> Callable:
-  """key -> (z [B, *data_shape], one-hot labels [B, L] or None), laid out over the batch axes."""
-  def draw(key):
-    k_z, k_l = jax.random.split(key)
+def make_noise_fn(batch_size: int, data_shape, cond_space: CondSpace, mesh, cond_pool=None) -> Callable:
+  """key -> (z [B, *data_shape], conditions [B, ...] or None), laid out over the batch axes; text
+  conditions are rows of `cond_pool`."""
+  # Without a pool, text conditions cannot be drawn: they must be given to `sample`.
+  space = CondSpace() if cond_space.kind == "text" and cond_pool is None else cond_space
+
+  def draw(key, pool):
+    k_z, k_c = jax.random.split(key)
     z = jax.random.normal(k_z, (batch_size,) + tuple(data_shape), jnp.float32)
-    return z, one_hot_labels(k_l, batch_size, label_dim)
-  out = (mesh_lib.batch_sharding(mesh, 1 + len(data_shape)), mesh_lib.batch_sharding(mesh, 2) if label_dim else None)
-  return jax.jit(draw, out_shardings=out)
+    return z, space.draw(k_c, batch_size, pool)
+  out = mesh_lib.batch_shardings(mesh, jax.eval_shape(draw, jax.random.key(0), cond_pool))
+  jitted = jax.jit(draw, out_shardings=out)
+  return lambda key: jitted(key, cond_pool)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,44 +131,45 @@ def _progress_points(num_batches: int, every: int):
   return {i for i in range(num_batches) if (i + 1) % every == 0} | {0, num_batches - 1}
 
 
-def sample(batch_fn: Callable, params, *, num: int, batch_size: int, seed: int, data_shape, label_dim: int, mesh,
-           describe: str = "", progress_every: int = 0, noise_fn: Optional[Callable] = None,
-           labels: Optional[np.ndarray] = None) -> Samples:
-  """`num` samples of `batch_fn(params, z, labels) -> x` in global batches of `batch_size`.
+def sample(batch_fn: Callable, params, *, num: int, batch_size: int, seed: int, data_shape, cond_space: CondSpace,
+           mesh, describe: str = "", progress_every: int = 0, noise_fn: Optional[Callable] = None, cond=None,
+           cond_pool=None) -> Samples:
+  """`num` samples of `batch_fn(params, z, cond) -> x` in global batches of `batch_size`.
 
-  batch_fn gets latents z ~ N(0, I) [B, *data_shape] and one-hot labels [B, L] (or None), both split
+  batch_fn gets latents z ~ N(0, I) [B, *data_shape] and conditions [B, ...] (or None), both split
   over the mesh's batch axes, and returns x [B, ...] (any layout: it is brought back to the rows').
   Every process must call this (it ends in a collective). `describe` names the source in the
   progress lines process 0 prints; `noise_fn` lets a caller reuse a compiled `make_noise_fn`.
-  `labels` (one-hot [num, L], the same on every process) replaces the drawn labels; the latents stay
-  those of the seed, so the same seed with other labels varies only the condition.
+  `cond` ([num, ...] rows, the same on every process) replaces the drawn conditions; the latents stay
+  those of the seed, so the same seed with other conditions varies only the condition.
   """
   check_batch_size(batch_size, mesh)
   if num < 1:
     raise UserError(f"asked for {num} samples; ask for at least 1.")
-  noise_fn = noise_fn or make_noise_fn(batch_size, data_shape, label_dim, mesh)
+  if cond is None and cond_space.kind == "text" and cond_pool is None and noise_fn is None:
+    raise UserError("a text-conditioned model samples from given conditions or a pool of encoded prompts; "
+                    "pass cond= or cond_pool=.")
+  noise_fn = noise_fn or make_noise_fn(batch_size, data_shape, cond_space, mesh, cond_pool)
   base = jax.random.key(seed)
   num_batches = -(-num // batch_size)
-  if labels is not None:
-    labels = np.asarray(labels, np.float32)
-    if not label_dim or labels.shape != (num, label_dim):
-      raise UserError(f"labels of shape {labels.shape} for {num} samples of a generator with {label_dim} classes; "
-                      f"pass one-hot labels [{num}, {label_dim}]" + ("" if label_dim else " (or none: it is unconditional)") + ".")
-    padded = np.concatenate([labels, np.repeat(labels[-1:], num_batches * batch_size - num, axis=0)])
-    label_sharding = mesh_lib.batch_sharding(mesh, 2)
+  if cond is not None:
+    if cond_space.kind == "none":
+      raise UserError("conditions given for an unconditional model; sample without them.")
+    cond_space.check(cond, num, "the conditions to sample")
+    padded = jax.tree.map(lambda c: np.concatenate([c, np.repeat(c[-1:], num_batches * batch_size - num, axis=0)]),
+                          conditioning.as_arrays(cond))
   report = jax.process_index() == 0 and bool(describe)
   points = _progress_points(num_batches, progress_every)
-  xs, ls, rows = [], [], []
+  xs, cs, rows = [], [], []
   t0 = time.time()
 
-  def collect(i, x, labels):
+  def collect(i, x, cond):
     # Any layout the compiler chose -> rows split like the latents, so each process holds its own rows.
     x = _as_rows(x, mesh)
     local_x, local_rows = _local_rows(x, i * batch_size)
     xs.append(local_x)
     rows.append(local_rows)
-    if labels is not None:
-      ls.append(_local_rows(labels, i * batch_size)[0])
+    cs.append(jax.tree.map(lambda c: _local_rows(c, i * batch_size)[0], cond))
     if report and i in points:
       seconds = time.time() - t0
       print(f"{describe}: batch {i + 1}/{num_batches} ({min((i + 1) * batch_size, num)}/{num} samples, "
@@ -161,9 +178,11 @@ def sample(batch_fn: Callable, params, *, num: int, batch_size: int, seed: int, 
   pending = None
   for i in range(num_batches):
     z, drawn = noise_fn(jax.random.fold_in(base, i))
-    if labels is not None:
-      rows_i = padded[i * batch_size:(i + 1) * batch_size]
-      drawn = jax.make_array_from_callback(rows_i.shape, label_sharding, lambda index, r=rows_i: r[index])
+    if cond is not None:
+      drawn = jax.tree.map(
+          lambda c: jax.make_array_from_callback((batch_size,) + c.shape[1:], mesh_lib.batch_sharding(mesh, c.ndim),
+                                                 lambda index, r=c[i * batch_size:(i + 1) * batch_size]: r[index]),
+          padded)
     started = (i, batch_fn(params, z, drawn), drawn)
     if pending is not None:  # fetch the previous batch while this one computes
       collect(*pending)
@@ -171,10 +190,10 @@ def sample(batch_fn: Callable, params, *, num: int, batch_size: int, seed: int, 
   collect(*pending)
 
   local = {"x": np.concatenate(xs), "rows": np.concatenate(rows),
-           "labels": np.concatenate(ls) if label_dim else None}
+           "cond": jax.tree.map(lambda *c: np.concatenate(c), *cs)}
   keep = local["rows"] < num
   local_x = local["x"][keep]
-  local_labels = None if local["labels"] is None else local["labels"][keep]
+  local_cond = conditioning.take(local["cond"], keep)
   if jax.process_count() > 1:
     local = multihost_utils.process_allgather(local, tiled=True)  # the one gather
   order = np.argsort(local["rows"], kind="stable")
@@ -182,5 +201,5 @@ def sample(batch_fn: Callable, params, *, num: int, batch_size: int, seed: int, 
     raise RuntimeError("sampler: the processes' rows do not tile the global batches once each")
   order = order[:num]
   x = np.asarray(local["x"])[order]
-  labels = None if local["labels"] is None else np.asarray(local["labels"])[order]
-  return Samples(x=x, labels=labels, local_x=local_x, local_labels=local_labels)
+  cond = jax.tree.map(lambda c: np.asarray(c)[order], local["cond"])
+  return Samples(x=x, cond=cond, local_x=local_x, local_cond=local_cond)

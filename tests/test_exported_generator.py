@@ -60,7 +60,7 @@ def test_bad_input_is_one_line(export, tmp_path):
   gen = simjax.load_generator(export)
   with pytest.raises(UserError, match="integer classes in"):
     gen.sample(2, cond=np.array([0, CLASSES]))
-  with pytest.raises(UserError, match="one-hot labels"):
+  with pytest.raises(UserError, match="one-hot class labels"):
     gen.sample(2, cond=np.ones((3, CLASSES)))
   with pytest.raises(UserError, match="no exported generator"):
     simjax.load_generator(tmp_path)

@@ -17,6 +17,7 @@ from simjax.networks import precond as precond_lib
 from simjax.parallel import mesh as mesh_lib
 from simjax import config_files
 from simjax.training import sim_steps
+from simjax.conditioning import CondSpace
 from simjax.training.roles import Denoiser, DistillNetworks
 
 BATCH = 8
@@ -31,7 +32,7 @@ def _setup(augment_dim):
     variables = jax.jit(precond_lib.init_params, static_argnums=0)(module, jax.random.key(0))
   params = jax.tree.map(lambda x: x + 0.05 * jnp.std(x) * jnp.ones_like(x), variables["params"])
   nets = DistillNetworks(generator=Denoiser(module), fake=Denoiser(module), teacher=Denoiser(module),
-                         data_shape=(8, 8, 3), label_dim=0, sigma_init=2.5)
+                         data_shape=(8, 8, 3), cond_space=CondSpace(), sigma_init=2.5)
   k = jax.random.split(jax.random.key(1), 3)
   inputs = (jax.random.normal(k[0], (BATCH, 8, 8, 3)), None, jnp.exp(jax.random.normal(k[1], (BATCH,))),
             jax.random.normal(k[2], (BATCH, 8, 8, 3)), jax.random.key(5))

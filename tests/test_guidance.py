@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO
 from simjax.errors import UserError
+from simjax import conditioning
 from simjax.teachers import guidance
 
 
@@ -40,12 +41,12 @@ def test_guided_is_null_plus_w_times_the_conditional_difference():
 
 def test_condition_dropout_nulls_whole_rows_at_the_given_rate():
   labels = jax.nn.one_hot(jnp.arange(20_000) % 10, 10)
-  dropped = guidance.drop_labels(jax.random.key(1), labels, 0.2)
+  dropped = conditioning.drop(jax.random.key(1), labels, 0.2)
   nulled = np.asarray(dropped.sum(1) == 0)
   assert abs(nulled.mean() - 0.2) < 0.015
   np.testing.assert_array_equal(np.asarray(dropped)[~nulled], np.asarray(labels)[~nulled])
-  assert guidance.drop_labels(jax.random.key(1), labels, 0.0) is labels
-  assert guidance.drop_labels(jax.random.key(1), None, 0.5) is None
+  assert conditioning.drop(jax.random.key(1), labels, 0.0) is labels
+  assert conditioning.drop(jax.random.key(1), None, 0.5) is None
 
 
 def _config(**values):

@@ -112,8 +112,8 @@ def test_teacher_sampler_is_deterministic(run):
   import ml_collections
   teacher = edm_checkpoints.load_teacher(wd / "teacher" / "final")
   cfg = ml_collections.ConfigDict(dict(eval=dict(teacher_steps=4), sigma_min=0.002, sigma_max=80.0, rho=7.0))
-  a, _ = image_eval.teacher_samples(teacher.module, teacher.params, 16, 16, 0, 0, cfg)
-  b, _ = image_eval.teacher_samples(teacher.module, teacher.params, 16, 16, 0, 0, cfg)
-  c, _ = image_eval.teacher_samples(teacher.module, teacher.params, 16, 16, 1, 0, cfg)
+  a, _ = image_eval.teacher_samples(teacher.module, teacher.params, 16, 16, 0, cfg)
+  b, _ = image_eval.teacher_samples(teacher.module, teacher.params, 16, 16, 0, cfg)
+  c, _ = image_eval.teacher_samples(teacher.module, teacher.params, 16, 16, 1, cfg)
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)

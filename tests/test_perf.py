@@ -17,6 +17,7 @@ from simjax.networks import precond as precond_lib
 from simjax.parallel import mesh as mesh_lib
 from simjax import config_files
 from simjax.training import perf, sim_steps
+from simjax.conditioning import CondSpace
 from simjax.training.roles import Denoiser, DistillNetworks
 
 # One resolution level (8x8) with attention: few ops, so each variant compiles in seconds.
@@ -57,7 +58,7 @@ def setup():
   perturb = lambda tree, scale: jax.tree.map(
       lambda x: x + scale * jnp.asarray(rng.standard_normal(x.shape), jnp.float32) * (jnp.std(x) + 1e-3), tree)
   nets = DistillNetworks(generator=Denoiser(module), fake=Denoiser(module), teacher=Denoiser(module),
-                         data_shape=(8, 8, 1), label_dim=0, sigma_init=2.5)
+                         data_shape=(8, 8, 1), cond_space=CondSpace(), sigma_init=2.5)
   key = jax.random.key(3)
   k_z, k_s, k_e = jax.random.split(key, 3)
   inputs = dict(z=jax.random.normal(k_z, (BATCH, 8, 8, 1)), labels=None,

@@ -279,7 +279,42 @@ def case_teacher(meshes):
   return result
 
 
-CASES = {"sim": case_sim, "teacher": case_teacher}
+def case_text(meshes):
+  """SIM with text conditions (simjax.conditioning) over the given meshes: MLP generator, fake score and
+  a random MLP teacher, all reading {'emb', 'mask'} drawn from a pool of prompts; guided teacher (w = 2)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from simjax.conditioning import CondSpace  # pylint: disable=import-outside-toplevel
+  from simjax.pipelines import gmm  # pylint: disable=import-outside-toplevel
+  from simjax.training.roles import Denoiser  # pylint: disable=import-outside-toplevel
+
+  config = _small_gmm_config()
+  distillation, _ = gmm.build(config)
+  with config.unlocked():
+    config.teacher.guidance = 2.0  # after build, which allows guidance for class-conditional image teachers only
+  space = CondSpace(text_length=5, text_dim=8)
+  mlp = distillation.nets.generator.module.clone(text_dim=8)
+  teacher = mlp.clone(hidden=32)
+  example = (jnp.zeros((1, 2)), jnp.ones((1,)), space.zeros(1))
+  init_params = mlp.init(jax.random.key(1), *example)["params"]
+  lengths = jax.random.randint(jax.random.key(5), (12,), 1, 6)
+  pool = {"emb": jax.random.normal(jax.random.key(6), (12, 5, 8)),
+          "mask": (jnp.arange(5)[None] < lengths[:, None]).astype(jnp.float32)}
+  nets = dataclasses.replace(distillation.nets, generator=Denoiser(mlp), fake=Denoiser(mlp),
+                             teacher=Denoiser(teacher), cond_space=space)
+  with_pool = lambda p: dataclasses.replace(distillation, nets=nets, consts={
+      **distillation.consts, "teacher": teacher.init(jax.random.key(2), *example), "cond_pool": p})
+  runs = {"%dx%d" % shape: _run_sim(config, with_pool(pool), _mesh_for(shape), init_params, STEPS)
+          for shape in _parse_meshes(meshes)}
+  result = _summarize(runs, {"generator": init_params, "fake": init_params})
+  # The same run with every prompt blanked: if the condition reached no network, nothing would change.
+  blank = {"emb": jnp.zeros_like(pool["emb"]), "mask": pool["mask"]}
+  result["blank_metrics"] = _run_sim(config, with_pool(blank), _mesh_for((1, 1)), init_params, 1)["metrics"]
+  return result
+
+
+CASES = {"sim": case_sim, "teacher": case_teacher, "text": case_text}
 
 
 def _worker_main(case, meshes):
@@ -371,6 +406,18 @@ def test_indivisible_global_batch_is_refused(sim_result):
     assert msg is not None, f"batch 12 on 8 devices was accepted ({key})"
     assert "batch_size=12" in msg and "8 devices" in msg and "multiple of 8" in msg, msg
     assert "\n" not in msg
+
+
+def test_text_conditioned_sim_iteration_does_not_depend_on_device_count():
+  result = run_worker("text", "1x1,2x4")
+  assert result["moved"] > 1e-4, "the parameters did not move: the comparison would prove nothing"
+  for row in result["metrics"]["1x1"]:
+    assert row["step_ok"] == 1 and row["gen_grad_norm"] > 0 and row["fake_grad_norm"] > 0, row
+  _assert_close(result["compare"]["2x4"], "text 2x4 (FSDP) vs 1 device")
+  first, blank = result["metrics"]["1x1"][0], result["blank_metrics"][0]
+  # (At step 0 the output layers are zero, so the losses cannot see the condition yet; the gradients do.)
+  for key in ("fake_grad_norm", "gen_grad_norm"):
+    assert abs(first[key] - blank[key]) > 1e-2 * abs(first[key]), (key, first[key], blank[key])
 
 
 @pytest.mark.slow

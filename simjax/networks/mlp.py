@@ -1,6 +1,4 @@
 """An EDM-preconditioned MLP denoiser for vector data (the generator and fake score of vector runs)."""
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,26 +38,43 @@ class ResidualMLPBlock(nn.Module):
     return h + y
 
 
+def pool_text(cond) -> jax.Array:
+  """The mean of a text condition's token embeddings over its unmasked tokens ([N, D]; zeros if none)."""
+  mask = cond["mask"].astype(jnp.float32)[..., None]
+  return jnp.sum(cond["emb"].astype(jnp.float32) * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+
 class MLPDenoiser(nn.Module):
-  """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with F a residual MLP (Karras et al. 2022, Sec. 5)."""
+  """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with F a residual MLP (Karras et al. 2022, Sec. 5).
+
+  Conditioned like the noise level, through the embedding: on class labels (label_dim) or on a text
+  condition (text_dim: its tokens mean-pooled over the mask, a small stand-in for cross-attention).
+  """
   data_dim: int
   hidden: int = 256
   num_blocks: int = 4
   emb_features: int = 128
   label_dim: int = 0
+  text_dim: int = 0
   dropout: float = 0.0
   sigma_data: float = edm.SIGMA_DATA
 
   @nn.compact
-  def __call__(self, x, sigma, class_labels: Optional[jax.Array] = None, augment_labels=None, train=False):
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False):
     del augment_labels
     x = x.astype(jnp.float32)
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
     pc = edm.edm_precondition(sigma, self.sigma_data)
     emb = NoiseEmbedding(self.emb_features, name="map_noise")(pc.c_noise)
+    if isinstance(cond, dict) != bool(self.text_dim) and cond is not None:
+      raise ValueError(f"MLPDenoiser(label_dim={self.label_dim}, text_dim={self.text_dim}) got a "
+                       f"{'text' if isinstance(cond, dict) else 'label'} condition.")
     if self.label_dim:
-      labels = jnp.zeros((x.shape[0], self.label_dim)) if class_labels is None else class_labels
+      labels = jnp.zeros((x.shape[0], self.label_dim)) if cond is None else cond
       emb = emb + nn.Dense(self.emb_features, use_bias=False, name="map_label")(labels.astype(jnp.float32))
+    if self.text_dim:
+      pooled = jnp.zeros((x.shape[0], self.text_dim)) if cond is None else pool_text(cond)
+      emb = emb + nn.Dense(self.emb_features, name="map_text")(pooled)
     h = nn.Dense(self.hidden, name="fc_in")(pc.c_in[:, None] * x)
     for i in range(self.num_blocks):
       h = ResidualMLPBlock(self.hidden, self.dropout, name=f"block{i}")(h, emb, train)

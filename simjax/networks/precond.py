@@ -1,8 +1,9 @@
 """EDM's preconditioners (Karras et al. 2022, Table 1) wrapping a SongUNet, plus builders.
 
 Each preconditioner is a denoiser with simjax's interface
-`__call__(x, sigma, class_labels=None, augment_labels=None, train=False) -> D(x, sigma)` (float32,
-x's shape), D(x) = c_skip x + c_out F(c_in x, c_noise). The raw network is the attribute `model`, so
+`__call__(x, sigma, cond=None, augment_labels=None, train=False) -> D(x, sigma)` (float32,
+x's shape), D(x) = c_skip x + c_out F(c_in x, c_noise); `cond` is None or one-hot class labels (EDM's
+`class_labels`; simjax.conditioning). The raw network is the attribute `model`, so
 parameter paths start with 'model' exactly like EDM's state dicts.
 
 Architectures are described by EDM-style kwargs dicts ("arch"): EDMPrecond/VPPrecond/VEPrecond
@@ -25,8 +26,11 @@ from simjax.networks.songunet import SongUNet
 Dtype = Any
 
 
-def _prepare_inputs(x, sigma, class_labels, label_dim):
+def _prepare_inputs(x, sigma, cond, label_dim):
   """float32 x, per-sample sigma [N], class labels per EDM (None when label_dim == 0, zeros if missing)."""
+  if isinstance(cond, dict):
+    raise ValueError("EDM's networks are conditioned on class labels, not text; use a text-conditioned network.")
+  class_labels = cond
   x = jnp.asarray(x, jnp.float32)
   sigma = jnp.asarray(sigma, jnp.float32)
   sigma = jnp.broadcast_to(sigma.reshape(-1) if sigma.ndim else sigma, x.shape[:1])
@@ -59,8 +63,8 @@ class EDMPrecond(nn.Module):
   sigma_min: float = 0.0
   sigma_max: float = math.inf
 
-  def __call__(self, x, sigma, class_labels=None, augment_labels=None, train=False):
-    x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False):
+    x, sigma, class_labels = _prepare_inputs(x, sigma, cond, self.label_dim)
     c = edm_precondition(sigma, self.sigma_data)
     return _denoise(self.model, x, c.c_skip, c.c_out, c.c_in, c.c_noise, class_labels, augment_labels, train)
 
@@ -94,8 +98,8 @@ class VPPrecond(nn.Module):
   def sigma_max(self):
     return float(np.sqrt(np.expm1(0.5 * self.beta_d + self.beta_min)))
 
-  def __call__(self, x, sigma, class_labels=None, augment_labels=None, train=False):
-    x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False):
+    x, sigma, class_labels = _prepare_inputs(x, sigma, cond, self.label_dim)
     c_in = 1 / jnp.sqrt(sigma**2 + 1)
     c_noise = (self.M - 1) * self.sigma_inv(sigma)
     return _denoise(self.model, x, jnp.ones_like(sigma), -sigma, c_in, c_noise, class_labels,
@@ -112,8 +116,8 @@ class VEPrecond(nn.Module):
   sigma_min: float = 0.02
   sigma_max: float = 100.0
 
-  def __call__(self, x, sigma, class_labels=None, augment_labels=None, train=False):
-    x, sigma, class_labels = _prepare_inputs(x, sigma, class_labels, self.label_dim)
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False):
+    x, sigma, class_labels = _prepare_inputs(x, sigma, cond, self.label_dim)
     return _denoise(self.model, x, jnp.ones_like(sigma), sigma, jnp.ones_like(sigma), jnp.log(0.5 * sigma),
                     class_labels, augment_labels, train)
 

@@ -81,6 +81,16 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, batch_spec(ndim))
 
 
+def batch_specs(tree):
+  """A row-split PartitionSpec for each array of `tree` (an array, a condition pytree; None stays None)."""
+  return jax.tree.map(lambda x: batch_spec(x.ndim), tree)
+
+
+def batch_shardings(mesh: Mesh, tree):
+  """`batch_specs(tree)` as shardings on `mesh`."""
+  return jax.tree.map(lambda x: batch_sharding(mesh, x.ndim), tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from simjax import tensorboard
+from simjax.conditioning import CondSpace
 from simjax.diffusion import edm, samplers
 from simjax.eval import metrics as metrics_lib
 from simjax.eval import report
@@ -74,7 +75,7 @@ def build(config) -> Tuple[distill.Distillation, Problem]:
                     emb_features=int(config.model.emb_features), dropout=float(config.model.dropout),
                     sigma_data=float(config.sigma_data))
   nets = DistillNetworks(generator=Denoiser(mlp), fake=Denoiser(mlp),
-                         teacher=Denoiser(mixture.GaussianMixtureDenoiser()), data_shape=(dim,), label_dim=0,
+                         teacher=Denoiser(mixture.GaussianMixtureDenoiser()), data_shape=(dim,), cond_space=CondSpace(),
                          sigma_init=float(config.sigma_init))
   distillation = distill.Distillation(
       mesh=mesh, nets=nets, init_fn=functools.partial(_warm_start, mlp, model_mix, config),

@@ -16,6 +16,7 @@ from etils import epath
 
 from simjax import data as data_lib
 from simjax import exported, storage, tensorboard
+from simjax.conditioning import CondSpace
 from simjax.errors import UserError
 from simjax.eval import report
 from simjax.networks import precond as precond_lib
@@ -73,7 +74,7 @@ def build_distillation(config, workdir, mesh):
   module = teacher.module
   teacher_params, extra = split_variables(teacher.params)
   nets = DistillNetworks(generator=Denoiser(module), fake=Denoiser(module), teacher=Denoiser(module),
-                         data_shape=data_lib.data_shape(config), label_dim=int(config.label_dim),
+                         data_shape=data_lib.data_shape(config), cond_space=CondSpace(label_dim=int(config.label_dim)),
                          sigma_init=float(config.sigma_init))
   return distill.Distillation(
       mesh=mesh, nets=nets, arch=teacher.arch,

@@ -16,6 +16,7 @@ from etils import epath
 
 from simjax import data as data_lib
 from simjax import exported, sampling, storage, tensorboard
+from simjax.conditioning import CondSpace
 from simjax.diffusion import samplers
 from simjax.errors import UserError
 from simjax.eval import fid as fid_lib
@@ -120,33 +121,34 @@ def reference_stats(config, features, train_split, mesh):
 # ----------------------------------------------------------------------------------------------
 # Samples
 
-def make_teacher_sampler(module, config, mesh, label_dim):
+def make_teacher_sampler(module, config, mesh, cond_space: CondSpace):
   """sample(variables, num, seed) -> sampling.Samples: the teacher's Heun sampler (config.eval.teacher_steps,
   2n-1 NFE) in global batches of config.eval.batch_size split over the mesh; the step compiles once."""
   steps = int(config.eval.teacher_steps)
-  weight = guidance.weight_of(config)  # classifier-free guidance of a class-conditional teacher (1 = none)
+  weight = guidance.weight_of(config)  # classifier-free guidance of a conditional teacher (1 = none)
   batch_fn = sampling.make_heun_batch_fn(
-      lambda v, x, s, labels: guidance.guided(lambda x_, s_, l_: module.apply(v, x_, s_, l_), weight)(x, s, labels),
+      lambda v, x, s, cond: guidance.guided(lambda x_, s_, c_: module.apply(v, x_, s_, c_), weight)(x, s, cond),
       mesh, num_steps=steps,
       sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max), rho=float(config.rho))
   shape = (module.img_resolution, module.img_resolution, module.img_channels)
   batch = int(config.eval.batch_size)
-  noise = sampling.make_noise_fn(batch, shape, label_dim, mesh)
+  noise = sampling.make_noise_fn(batch, shape, cond_space, mesh)
   describe = f"teacher Heun {samplers.num_function_evals(steps)} NFE" + (f", guidance {weight:g}" if weight != 1 else "")
 
   def sample(variables, num, seed, prefix="eval"):
     return sampling.sample(batch_fn, sampling.replicate(variables, mesh), num=num, batch_size=batch, seed=seed,
-                           data_shape=shape, label_dim=label_dim, mesh=mesh, describe=f"{prefix}: {describe}",
+                           data_shape=shape, cond_space=cond_space, mesh=mesh, describe=f"{prefix}: {describe}",
                            noise_fn=noise)
   return sample
 
 
-def teacher_samples(module, variables, num, batch, seed, label_dim, config, mesh=None):
+def teacher_samples(module, variables, num, batch, seed, config, mesh=None):
   """(x, one-hot labels or None) from the teacher's Heun sampler on every process; see make_teacher_sampler."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.eval.batch_size = int(batch)
-  out = make_teacher_sampler(module, cfg, mesh or mesh_lib.make_mesh((-1, 1)), label_dim)(variables, num, seed)
+  out = make_teacher_sampler(module, cfg, mesh or mesh_lib.make_mesh((-1, 1)),
+                             CondSpace(label_dim=module.label_dim))(variables, num, seed)
   return out.x, out.labels
 
 
@@ -182,10 +184,10 @@ def evaluate(config, workdir, distillation: distill.Distillation, state):
       f"{samplers.num_function_evals(steps)} NFE), in batches of {batch} over {jax.device_count()} devices",
       flush=True)
 
-  gen = distill.make_generator_sampler(nets, distillation.generator_extra, batch, nets.label_dim, mesh)(
+  gen = distill.make_generator_sampler(nets, distillation.generator_extra, batch, mesh)(
       state.ema["generator"], n, seed, "eval: generator 1 NFE")
   t_gen = time.time()
-  tea = make_teacher_sampler(nets.teacher.module, config, mesh, nets.label_dim)(distillation.consts["teacher"], n, seed + 1)
+  tea = make_teacher_sampler(nets.teacher.module, config, mesh, nets.cond_space)(distillation.consts["teacher"], n, seed + 1)
   t_tea = time.time()
 
   say(f"eval: {config.eval.features} features (reference statistics, then each source)", flush=True)
@@ -226,7 +228,7 @@ def periodic_eval_hook(config, workdir, distillation: distill.Distillation):
   nets, mesh = distillation.nets, distillation.mesh
   batch = int(config.eval.batch_size)
   # Built once: every periodic eval reuses the compiled generator batch.
-  sample = distill.make_generator_sampler(nets, distillation.generator_extra, batch, nets.label_dim, mesh)
+  sample = distill.make_generator_sampler(nets, distillation.generator_extra, batch, mesh)
 
   def hook(step, state):
     if not cache:
@@ -291,7 +293,8 @@ def sample_mode(config, workdir, mesh=None):
   elif source == "teacher":
     path = path or image_teacher.resolve_teacher_path(config, workdir)
     teacher = image_teacher.read_teacher(str(path))
-    out = make_teacher_sampler(teacher.module, config, mesh, teacher.label_dim)(teacher.params, num, seed, "sample")
+    out = make_teacher_sampler(teacher.module, config, mesh, CondSpace(label_dim=teacher.label_dim))(
+        teacher.params, num, seed, "sample")
     x, labels = np.clip(out.x, -1.0, 1.0), out.labels
   else:
     raise UserError(f"unknown sample.source {source!r}; use 'generator' or 'teacher'.")

@@ -236,8 +236,8 @@ class Teacher:
   def __post_init__(self):
     module = self.module
 
-    def denoise_fn(variables, x, sigma, class_labels, augment_labels):
-      return module.apply(variables, x, sigma, class_labels, augment_labels, train=False)
+    def denoise_fn(variables, x, sigma, cond, augment_labels):
+      return module.apply(variables, x, sigma, cond, augment_labels, train=False)
 
     self._denoise_fn = jax.jit(denoise_fn)
 
@@ -253,10 +253,15 @@ class Teacher:
   def img_channels(self) -> int:
     return self.module.img_channels
 
-  def denoise(self, x, sigma, class_labels=None, augment_labels=None):
-    """D(x, sigma) for NHWC float32 x [N, R, R, C], sigma scalar or [N], one-hot class_labels [N, label_dim]."""
+  def denoise(self, x, sigma, cond=None, augment_labels=None, *, class_labels=None):
+    """D(x, sigma) for NHWC float32 x [N, R, R, C], sigma scalar or [N], cond one-hot class labels
+    [N, label_dim] (or None; `class_labels=`, EDM's name, is the same argument)."""
+    if class_labels is not None:
+      if cond is not None:
+        raise ValueError("pass the class labels once, as cond or as class_labels.")
+      cond = class_labels
     return self._denoise_fn(self.params, jnp.asarray(x, jnp.float32), jnp.asarray(sigma, jnp.float32),
-                            None if class_labels is None else jnp.asarray(class_labels, jnp.float32),
+                            None if cond is None else jnp.asarray(cond, jnp.float32),
                             None if augment_labels is None else jnp.asarray(augment_labels, jnp.float32))
 
 

@@ -1,35 +1,24 @@
-"""Classifier-free guidance of a class-conditional teacher (Ho & Salimans 2022), in denoiser units:
+"""Classifier-free guidance of a conditional teacher (Ho & Salimans 2022), in denoiser units:
 
     D_w(x, sigma, c) = D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, null)),
 
-with the null condition EDM's all-zero label vector (what an EDM network sees when queried without a
-class). w = 1 is the conditional teacher itself. Only the teacher is guided: the generator and the
+for any condition pytree (simjax.conditioning): the null condition is all zeros (EDM's label vector of
+a query without a class) unless the model provides its own (`null`, e.g. a text model's empty-caption
+embedding). w = 1 is the conditional teacher itself. Only the teacher is guided: the generator and the
 fake score stay conditional and unguided, so SIM distils the guided teacher's distribution. A teacher
-gives sensible null outputs only if it saw null labels in training (`teacher_train.label_dropout`).
+gives sensible null outputs only if it saw null conditions in training (`teacher_train.label_dropout`).
 """
 import math
-from typing import Callable, Optional
+from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
+from simjax import conditioning
 from simjax.errors import UserError
 
 
-def null_labels(labels: jax.Array) -> jax.Array:
-  return jnp.zeros_like(labels)
-
-
-def drop_labels(key, labels: Optional[jax.Array], p: float) -> Optional[jax.Array]:
-  """Condition dropout for training: each row's label replaced by the null one with probability p."""
-  if labels is None or not p:
-    return labels
-  keep = jax.random.uniform(key, labels.shape[:1]) >= p
-  return jnp.where(keep[:, None], labels, null_labels(labels))
-
-
-def guided(denoise: Callable, weight: float) -> Callable:
-  """denoise(x, sigma, labels) -> D, guided with weight w; unchanged for w == 1 or unconditional calls.
+def guided(denoise: Callable, weight: float, null=None) -> Callable:
+  """denoise(x, sigma, cond) -> D, guided with weight w; unchanged for w == 1 or unconditional calls.
 
   The conditional and null queries run as one batch of 2N (one network call, the same x_t for both).
   """
@@ -37,13 +26,13 @@ def guided(denoise: Callable, weight: float) -> Callable:
   if weight == 1.0:
     return denoise
 
-  def call(x, sigma, labels):
-    if labels is None:
-      return denoise(x, sigma, labels)
+  def call(x, sigma, cond):
+    if cond is None:
+      return denoise(x, sigma, cond)
     n = x.shape[0]
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (n,))
     both = denoise(jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]),
-                   jnp.concatenate([labels, null_labels(labels)]))
+                   conditioning.concat(cond, conditioning.null_like(cond, null)))
     d_cond, d_null = both[:n], both[n:]
     return d_null + weight * (d_cond - d_null)
   return call

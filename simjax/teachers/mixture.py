@@ -8,7 +8,7 @@ makes SIM testable without a trained network.
 The mixture lives in a flax variable collection 'mixture' ({'means', 'stds', 'weights'}) so that
 the teacher is called exactly like a network teacher: `module.apply(variables, x, sigma)`.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -149,8 +149,8 @@ class GaussianMixtureDenoiser(nn.Module):
   """The analytic teacher behind simjax's denoiser interface; its mixture is the 'mixture' collection."""
 
   @nn.compact
-  def __call__(self, x, sigma, class_labels: Optional[jax.Array] = None, augment_labels=None, train=False):
-    del class_labels, augment_labels, train  # unconditional and deterministic
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False):
+    del cond, augment_labels, train  # unconditional and deterministic
     v = self.variables["mixture"]
     return denoise(Mixture(v["means"], v["stds"], v["weights"]), x.astype(jnp.float32), sigma)
 

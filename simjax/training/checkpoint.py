@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 import traceback
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,9 @@ def _quiet_asyncio():
   logger = logging.getLogger("asyncio")
   if not any(getattr(f, "simjax_filter", False) for f in logger.filters):
     logger.addFilter(_DropOrphanedRestoreReads())
+  # Read coroutines orbax created but never awaited before closing its loop warn when collected.
+  # simjax has no coroutines of its own, so this message only ever names orbax's abandoned reads.
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
   level = logger.level
   logger.setLevel(logging.CRITICAL)  # whatever else asyncio says while orbax's restore fails
   try:

@@ -123,33 +123,34 @@ def mesh_of(tree):
   return mesh_lib.make_mesh((-1, 1))
 
 
-def make_generator_sampler(nets, gen_extra, batch: int, label_dim: int = 0, mesh=None):
-  """sample(gen_params, num, seed, describe='') -> sampling.Samples: one-step samples in global batches,
-  deterministic in seed, split over `mesh` (default: that of the params) and gathered once. The batch
-  function compiles once per sampler, so build it once and reuse it."""
-  def generate(p, z, labels):
+def make_generator_sampler(nets, gen_extra, batch: int, mesh=None, cond_pool=None):
+  """sample(gen_params, num, seed, describe='', cond=None) -> sampling.Samples: one-step samples in
+  global batches, deterministic in seed, split over `mesh` (default: that of the params) and gathered
+  once; conditions drawn from nets.cond_space (text: rows of `cond_pool`) unless `cond` gives them. The
+  batch function compiles once per sampler, so build it once and reuse it."""
+  def generate(p, z, cond):
     params, extra = p
-    return nets.generate(params, extra, z, labels)
+    return nets.generate(params, extra, z, cond)
 
   built = {}
 
-  def sample(gen_params, num: int, seed: int, describe: str = "", labels=None):
+  def sample(gen_params, num: int, seed: int, describe: str = "", cond=None):
     if not built:
       m = mesh if mesh is not None else mesh_of(gen_params)
       sampling.check_batch_size(batch, m)
       built.update(mesh=m, extra=sampling.replicate(gen_extra, m),
-                   noise=sampling.make_noise_fn(batch, nets.data_shape, label_dim, m),
+                   noise=sampling.make_noise_fn(batch, nets.data_shape, nets.cond_space, m, cond_pool),
                    fn=jax.jit(sampling.shard_rows(generate, m), out_shardings=mesh_lib.batch_sharding(
                        m, 1 + len(nets.data_shape))))
     return sampling.sample(built["fn"], (gen_params, built["extra"]), num=num, batch_size=batch, seed=seed,
-                           data_shape=nets.data_shape, label_dim=label_dim, mesh=built["mesh"], describe=describe,
-                           noise_fn=built["noise"], labels=labels)
+                           data_shape=nets.data_shape, cond_space=nets.cond_space, mesh=built["mesh"],
+                           describe=describe, noise_fn=built["noise"], cond=cond)
   return sample
 
 
-def generate_samples(nets, gen_params, gen_extra, num: int, batch: int, seed: int, label_dim: int = 0, mesh=None,
-                     describe: str = ""):
-  """(x, one-hot labels or None): num one-step samples from the generator on every process; see
+def generate_samples(nets, gen_params, gen_extra, num: int, batch: int, seed: int, mesh=None, describe: str = "",
+                     cond_pool=None):
+  """(x, their conditions or None): num one-step samples from the generator on every process; see
   `make_generator_sampler`."""
-  out = make_generator_sampler(nets, gen_extra, batch, label_dim, mesh)(gen_params, num, seed, describe)
-  return out.x, out.labels
+  out = make_generator_sampler(nets, gen_extra, batch, mesh, cond_pool)(gen_params, num, seed, describe)
+  return out.x, out.cond

@@ -228,12 +228,12 @@ def check_fusable(nets: DistillNetworks):
                      "(they do when the fake score starts as a copy of a network teacher); set it False.")
 
 
-def paired_denoise(module, teacher_variables, fake_variables, x, sigma, class_labels):
+def paired_denoise(module, teacher_variables, fake_variables, x, sigma, cond):
   """(D_teacher(x), D_fake(x)) from one call of `module`, vmapped over the two stacked parameter sets.
 
   Both networks see the same x_t and sigma, so one batched call replaces two, which fills wide
   accelerators better at small per-chip batches.
   """
   stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), teacher_variables, fake_variables)
-  out = jax.vmap(lambda v: module.apply(v, x, sigma, class_labels=class_labels, train=False))(stacked)
+  out = jax.vmap(lambda v: module.apply(v, x, sigma, cond, train=False))(stacked)
   return out[0], out[1]

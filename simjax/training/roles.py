@@ -1,10 +1,11 @@
 """How trainers call denoisers: a flax module plus its trainable 'params' and frozen extra collections."""
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from simjax.conditioning import CondSpace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,13 +17,13 @@ class Denoiser:
   """
   module: nn.Module
 
-  def apply(self, params, extra, x, sigma, class_labels=None, *, augment_labels=None, train=False, rng=None):
+  def apply(self, params, extra, x, sigma, cond=None, *, augment_labels=None, train=False, rng=None):
     variables = dict(extra or {})
     if params is not None:
       variables["params"] = params
     rngs = {"dropout": rng} if (train and rng is not None) else None
     kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
-    return self.module.apply(variables, x, sigma, class_labels=class_labels, train=train, rngs=rngs, **kwargs)
+    return self.module.apply(variables, x, sigma, cond, train=train, rngs=rngs, **kwargs)
 
   @property
   def augment_dim(self) -> int:
@@ -37,13 +38,17 @@ class DistillNetworks:
   fake: Denoiser
   teacher: Denoiser
   data_shape: Tuple[int, ...]
-  label_dim: int
+  cond_space: CondSpace
   sigma_init: float
 
-  def generate(self, params, extra, z, labels, *, train=False, rng=None):
-    """x_g = G(sigma_init z, sigma_init, labels): the one-step generator."""
+  @property
+  def label_dim(self) -> int:
+    return self.cond_space.label_dim
+
+  def generate(self, params, extra, z, cond, *, train=False, rng=None):
+    """x_g = G(sigma_init z, sigma_init, cond): the one-step generator."""
     sigma = jnp.full(z.shape[:1], self.sigma_init, jnp.float32)
-    return self.generator.apply(params, extra, self.sigma_init * z, sigma, labels, train=train, rng=rng)
+    return self.generator.apply(params, extra, self.sigma_init * z, sigma, cond, train=train, rng=rng)
 
 
 def split_variables(variables) -> Tuple[Any, dict]:
@@ -52,9 +57,3 @@ def split_variables(variables) -> Tuple[Any, dict]:
   params = variables.pop("params", None)
   return params, variables
 
-
-def one_hot_labels(key, n: int, label_dim: int) -> Optional[jax.Array]:
-  """Uniform random one-hot class labels for conditional generators (None when unconditional)."""
-  if not label_dim:
-    return None
-  return jax.nn.one_hot(jax.random.randint(key, (n,), 0, label_dim), label_dim, dtype=jnp.float32)

@@ -21,7 +21,7 @@ from simjax.parallel import mesh as mesh_lib
 from simjax.teachers import guidance
 from simjax.training import perf as perf_lib
 from simjax.training import state as state_lib
-from simjax.training.roles import DistillNetworks, one_hot_labels
+from simjax.training.roles import DistillNetworks
 
 
 def device_index(mesh):
@@ -44,22 +44,23 @@ def average_grads(grads, specs, mesh):
   return jax.tree.map(avg, grads, specs, is_leaf=lambda s: isinstance(s, P))
 
 
-def constrain_batch(x, mesh):
-  return jax.lax.with_sharding_constraint(x, mesh_lib.batch_sharding(mesh, x.ndim))
+def constrain_batch(tree, mesh):
+  """Every array of `tree` (an array, a condition pytree or None) split by rows over the batch axes."""
+  return jax.lax.with_sharding_constraint(tree, mesh_lib.batch_shardings(mesh, tree))
 
 
-def draw_generator_noise(key, batch, nets: DistillNetworks, mesh):
-  """Latents z and labels for one batch of generator samples (global batch, sharded)."""
-  k_z, k_label = jax.random.split(key)
+def draw_generator_noise(key, batch, nets: DistillNetworks, mesh, cond_pool=None):
+  """Latents z and conditions for one batch of generator samples (global batch, sharded); text
+  conditions are rows of `cond_pool`."""
+  k_z, k_cond = jax.random.split(key)
   z = constrain_batch(jax.random.normal(k_z, (batch,) + tuple(nets.data_shape), jnp.float32), mesh)
-  labels = one_hot_labels(k_label, batch, nets.label_dim)
-  return z, (None if labels is None else constrain_batch(labels, mesh))
+  return z, constrain_batch(nets.cond_space.draw(k_cond, batch, cond_pool), mesh)
 
 
 class StepGrads(NamedTuple):
   """The two sharded loss-and-gradient functions of a SIM iteration.
 
-  Each is f(gen_params, fake_params, consts, z, labels, sigma, eps, rng) -> (mean loss, mean grads):
+  Each is f(gen_params, fake_params, consts, z, cond, sigma, eps, rng) -> (mean loss, mean grads):
   `fake` the DSM loss of the fake score on stop-gradient generator samples (grads w.r.t. fake
   params), `generator` the SIM surrogate (grads w.r.t. generator params).
   """
@@ -84,46 +85,45 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   if guidance_weight != 1.0 and opts.fuse_teacher_fake:
     raise UserError("teacher.guidance != 1 with perf.fuse_teacher_fake: set --config.perf.fuse_teacher_fake=False.")
   augment_p = fake_augment_probability(config, nets)
-  bspec = lambda x: None if x is None else mesh_lib.batch_spec(x.ndim)
 
-  def fake_local(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
+  def fake_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng):
     consts = mesh_lib.gather_params(consts, specs["consts"])
     gen_full = mesh_lib.gather_params(gen_params, specs["generator"])
     rng = jax.random.fold_in(rng, device_index(mesh))
     # The generator is in eval mode here (no dropout), as in SiD's fake-score update.
-    x_g = jax.lax.stop_gradient(fake_nets.generate(gen_full, consts["generator"], z, labels))
+    x_g = jax.lax.stop_gradient(fake_nets.generate(gen_full, consts["generator"], z, cond))
 
     augment_labels = None
     if augment_p > 0:
       # EDM's augmentation pipe on the fake score's DSM, as SiD trains it (--augment 0.12): the network is
-      # conditioned on the labels, the DSM target is the augmented sample.
+      # conditioned on the augmentation labels, the DSM target is the augmented sample.
       x_g, augment_labels = augment_lib.augment(jax.random.fold_in(rng, 2), x_g, augment_p)
 
     def loss_fn(fp_local):
       fp = mesh_lib.gather_params(fp_local, specs["fake"])
-      denoise = lambda p, x, s: fake_nets.fake.apply(p, consts["fake"], x, s, labels, augment_labels=augment_labels,
+      denoise = lambda p, x, s: fake_nets.fake.apply(p, consts["fake"], x, s, cond, augment_labels=augment_labels,
                                                      train=True, rng=jax.random.fold_in(rng, 1))
       return fake_scale * dsm.dsm_loss(fp, denoise, x_g, sigma, eps, float(config.sigma_data))
 
     loss, grads = jax.value_and_grad(loss_fn)(fake_params)
     return jax.lax.pmean(loss, mesh_lib.BATCH_AXES) / fake_scale, average_grads(grads, specs["fake"], mesh)
 
-  def gen_local(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
+  def gen_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng):
     consts = mesh_lib.gather_params(consts, specs["consts"])
     fake_full = mesh_lib.gather_params(fake_params, specs["fake"])
     rng = jax.random.fold_in(rng, device_index(mesh))
     generate = perf_lib.maybe_remat(
-        lambda p: gen_nets.generate(p, consts["generator"], z, labels, train=True, rng=rng), opts.remat["generator"])
+        lambda p: gen_nets.generate(p, consts["generator"], z, cond, train=True, rng=rng), opts.remat["generator"])
     pair = None
     if opts.fuse_teacher_fake:
       pair = lambda tp, fp, x, s: perf_lib.paired_denoise(gen_nets.teacher.module, tp, {**consts["fake"], "params": fp},
-                                                          x, s, labels)
+                                                          x, s, cond)
     teacher_denoise, fake_denoise, denoise_pair = perf_lib.generator_step_denoisers(
         # The teacher, classifier-free guided where config.teacher.guidance != 1 (teachers/guidance.py).
-        lambda p, x, s: guidance.guided(lambda x_, s_, l_: gen_nets.teacher.apply(p.get("params"), p, x_, s_, l_),
-                                        guidance_weight)(x, s, labels),
+        lambda p, x, s: guidance.guided(lambda x_, s_, c_: gen_nets.teacher.apply(p.get("params"), p, x_, s_, c_),
+                                        guidance_weight)(x, s, cond),
         # Fake score frozen (no dropout) inside the generator step; stop-gradient on its params (in the loss).
-        lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, labels),
+        lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, cond),
         pair, opts)
 
     def loss_fn(gp_local):
@@ -138,11 +138,11 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
     return jax.lax.pmean(loss, mesh_lib.BATCH_AXES) / gen_scale, average_grads(grads, specs["generator"], mesh)
 
   def sharded(fn, out_params_spec):
-    def call(gen_params, fake_params, consts, z, labels, sigma, eps, rng):
-      in_specs = (specs["generator"], specs["fake"], specs["consts"], bspec(z), bspec(labels),
+    def call(gen_params, fake_params, consts, z, cond, sigma, eps, rng):
+      in_specs = (specs["generator"], specs["fake"], specs["consts"], mesh_lib.batch_specs(z), mesh_lib.batch_specs(cond),
                   mesh_lib.batch_spec(1), mesh_lib.batch_spec(z.ndim), P())
       mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(), out_params_spec), check_vma=False)
-      return mapped(gen_params, fake_params, consts, z, labels, constrain_batch(sigma, mesh),
+      return mapped(gen_params, fake_params, consts, z, cond, constrain_batch(sigma, mesh),
                     constrain_batch(eps, mesh), rng)
     return call
 
@@ -174,7 +174,8 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
                        *, with_generator: bool = True):
   """Builds iteration(state, consts). specs: PartitionSpecs of 'generator', 'fake' params and 'consts'.
 
-  consts = {'teacher': teacher variables, 'generator': generator extras, 'fake': fake-score extras}.
+  consts = {'teacher': teacher variables, 'generator': generator extras, 'fake': fake-score extras} and,
+  for text-conditioned runs, 'cond_pool': the encoded prompts the generator's conditions are drawn from.
   """
   batch = int(config.batch_size)
   mesh_lib.check_batch_divisible(batch, mesh)
@@ -191,9 +192,9 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
     for j in range(fake_steps):
       k = jax.random.fold_in(key, j)
       k_noise, k_sigma, k_rng = jax.random.split(k, 3)
-      z, labels = draw_generator_noise(k_noise, batch, nets, mesh)
+      z, cond = draw_generator_noise(k_noise, batch, nets, mesh, consts.get("cond_pool"))
       sigma, eps = dsm.draw_dsm_noise(k_sigma, z.shape, float(config.fake_p_mean), float(config.fake_p_std))
-      loss, grads = step_grads.fake(params["generator"], params["fake"], consts, z, labels, sigma, eps, k_rng)
+      loss, grads = step_grads.fake(params["generator"], params["fake"], consts, z, cond, sigma, eps, k_rng)
       loss = inject_nonfinite(loss, state.step, config)
       params["fake"], opt_state["fake"] = state_lib.apply_optimizer(optimizers["fake"], params["fake"],
                                                                     opt_state["fake"], grads)
@@ -205,11 +206,11 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
     if with_generator:
       k = jax.random.fold_in(key, fake_steps)
       k_noise, k_sigma, k_eps, k_rng = jax.random.split(k, 4)
-      z, labels = draw_generator_noise(k_noise, batch, nets, mesh)
+      z, cond = draw_generator_noise(k_noise, batch, nets, mesh, consts.get("cond_pool"))
       sigma = edm.sample_sigma_karras_uniform(k_sigma, (batch,), float(config.loss.t_max), float(config.sigma_min),
                                              float(config.sigma_max), float(config.rho))
       eps = jax.random.normal(k_eps, z.shape, jnp.float32)
-      loss, grads = step_grads.generator(params["generator"], params["fake"], consts, z, labels, sigma, eps, k_rng)
+      loss, grads = step_grads.generator(params["generator"], params["fake"], consts, z, cond, sigma, eps, k_rng)
       params["generator"], opt_state["generator"] = state_lib.apply_optimizer(
           optimizers["generator"], params["generator"], opt_state["generator"], grads)
       decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))

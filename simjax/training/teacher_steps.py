@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from simjax import conditioning
 from simjax.losses import dsm
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import state as state_lib
 from simjax.training.roles import Denoiser
-from simjax.teachers import guidance
 from simjax.training.sim_steps import average_grads, constrain_batch, device_index, inject_nonfinite
 
 
@@ -26,11 +26,11 @@ def make_teacher_step(denoiser: Denoiser, config, mesh, specs, optimizer, *, lab
   base_key = jax.random.key(int(config.seed))
   sigma_data = float(config.sigma_data)
 
-  def local(params, extra, x0, labels, sigma, eps, rng):
+  def local(params, extra, x0, cond, sigma, eps, rng):
     rng = jax.random.fold_in(rng, device_index(mesh))
     def loss_fn(p_local):
       p = mesh_lib.gather_params(p_local, specs)
-      denoise = lambda p_, x, s: denoiser.apply(p_, extra, x, s, labels, train=True, rng=rng)
+      denoise = lambda p_, x, s: denoiser.apply(p_, extra, x, s, cond, train=True, rng=rng)
       return dsm.dsm_loss(p, denoise, x0, sigma, eps, sigma_data)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     return jax.lax.pmean(loss, mesh_lib.BATCH_AXES), average_grads(grads, specs, mesh)
@@ -40,15 +40,14 @@ def make_teacher_step(denoiser: Denoiser, config, mesh, specs, optimizer, *, lab
     k_idx, k_noise, k_rng = jax.random.split(key, 3)
     idx = jax.random.randint(k_idx, (batch,), 0, num_examples)
     x0 = constrain_batch(consts["data"][idx].astype(jnp.float32) * consts["scale"] + consts["shift"], mesh)
-    labels = None if not label_dim else constrain_batch(jax.nn.one_hot(consts["labels"][idx], label_dim), mesh)
-    # Condition dropout: the null label on a fraction of rows, so the teacher also learns D(x, sigma, null) (CFG).
-    labels = guidance.drop_labels(jax.random.fold_in(key, 3), labels, float(config.get("label_dropout", 0.0)))
+    cond = None if not label_dim else constrain_batch(jax.nn.one_hot(consts["labels"][idx], label_dim), mesh)
+    # Condition dropout: the null condition on a fraction of rows, so the teacher also learns D(x, sigma, null) (CFG).
+    cond = conditioning.drop(jax.random.fold_in(key, 3), cond, float(config.get("label_dropout", 0.0)))
     sigma, eps = dsm.draw_dsm_noise(k_noise, x0.shape, float(config.p_mean), float(config.p_std))
-    bspec = lambda a: None if a is None else mesh_lib.batch_spec(a.ndim)
     fn = jax.shard_map(local, mesh=mesh, check_vma=False,
-                       in_specs=(specs, P(), bspec(x0), bspec(labels), bspec(sigma), bspec(eps), P()),
+                       in_specs=(specs, P(), *mesh_lib.batch_specs((x0, cond, sigma, eps)), P()),
                        out_specs=(P(), specs))
-    loss, grads = fn(state.params["denoiser"], consts["extra"], x0, labels, constrain_batch(sigma, mesh),
+    loss, grads = fn(state.params["denoiser"], consts["extra"], x0, cond, constrain_batch(sigma, mesh),
                      constrain_batch(eps, mesh), k_rng)
     loss = inject_nonfinite(loss, state.step, config)
     params, opt_state = state_lib.apply_optimizer(optimizer, state.params["denoiser"], state.opt_state["denoiser"],
