@@ -39,6 +39,11 @@ def shared_config(pipeline: str):
   # t ~ U[0, t_max], sigma = (s_max^(1/rho) + (1 - t)(s_min^(1/rho) - s_max^(1/rho)))^rho (SiD's direction):
   # t_max = 0.8 puts the generator loss's sigma in [0.002, 24.4], median ~1.
   c.loss.t_max = 0.8
+  c.loss.t_min = 0.0
+  c.loss.alpha = 1.2                  # loss.name='sid': SiD's alpha (1 is SIM-L2 up to a factor 2)
+  # loss.name='dmd': DMD2's noise levels (Karras-grid indices 20..980 of 1000), sigma in [0.0032, 71.7].
+  c.loss.dmd_t_min = 0.02
+  c.loss.dmd_t_max = 0.98
 
   # Fake score: EDM DSM on stop-gradient generator samples.
   c.fake_p_mean = -1.2

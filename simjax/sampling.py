@@ -139,14 +139,15 @@ def sample(batch_fn: Callable, params, *, num: int, batch_size: int, seed: int, 
   batch_fn gets latents z ~ N(0, I) [B, *data_shape] and conditions [B, ...] (or None), both split
   over the mesh's batch axes, and returns x [B, ...] (any layout: it is brought back to the rows').
   Every process must call this (it ends in a collective). `describe` names the source in the
-  progress lines process 0 prints; `noise_fn` lets a caller reuse a compiled `make_noise_fn`.
+  progress lines process 0 prints; `noise_fn` lets a caller reuse a compiled `make_noise_fn` (built with
+  the same `cond_pool`).
   `cond` ([num, ...] rows, the same on every process) replaces the drawn conditions; the latents stay
   those of the seed, so the same seed with other conditions varies only the condition.
   """
   check_batch_size(batch_size, mesh)
   if num < 1:
     raise UserError(f"asked for {num} samples; ask for at least 1.")
-  if cond is None and cond_space.kind == "text" and cond_pool is None and noise_fn is None:
+  if cond is None and cond_space.kind == "text" and cond_pool is None:
     raise UserError("a text-conditioned model samples from given conditions or a pool of encoded prompts; "
                     "pass cond= or cond_pool=.")
   noise_fn = noise_fn or make_noise_fn(batch_size, data_shape, cond_space, mesh, cond_pool)

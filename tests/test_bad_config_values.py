@@ -72,6 +72,12 @@ def _cases(files):
            "loss.huber_c_per_dim must be a finite value > 0"),
       Case("loss_scale_zero", [DIGITS, "--workdir={workdir}", "--config.loss.generator_scale=0"],
            "loss.generator_scale must be a finite value > 0"),
+      Case("loss_name_unknown", [GMM, "--workdir={workdir}", "--config.loss.name=sidd"], "loss.name to one of"),
+      Case("sid_alpha_nan", [GMM, "--workdir={workdir}", "--config.loss.name=sid", "--config.loss.alpha=nan"],
+           "loss.alpha must be a finite number"),
+      Case("dmd_unnormalised", [GMM, "--workdir={workdir}", "--config.loss.name=dmd", "--config.loss.normalize=False"],
+           "loss.name=diff_instruct"),
+      Case("t_min_above_t_max", [GMM, "--workdir={workdir}", "--config.loss.t_min=0.9"], "0 <= t_min < t_max <= 1"),
       Case("distributed_without_a_cluster", [GMM, "--workdir={workdir}"], "jax.distributed.initialize() failed",
            env={"SIMJAX_DISTRIBUTED": "1"}),
   ]

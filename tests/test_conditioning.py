@@ -125,3 +125,6 @@ def test_sampler_draws_text_conditions_from_the_pool_or_takes_them_given():
     sampling.sample(jax.jit(batch_fn), jnp.float32(0.5), cond=_text(8), **kwargs)
   with pytest.raises(UserError, match="pass cond= or cond_pool="):
     sampling.sample(jax.jit(batch_fn), jnp.float32(0.5), **kwargs)
+  # A reused noise function does not stand in for the pool: without one, nothing is drawn silently.
+  with pytest.raises(UserError, match="pass cond= or cond_pool="):
+    sampling.sample(jax.jit(batch_fn), jnp.float32(0.5), noise_fn=sampling.make_noise_fn(4, (3,), TEXT, mesh), **kwargs)

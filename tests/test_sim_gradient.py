@@ -17,28 +17,7 @@ from simjax.losses import generator as generator_losses
 from simjax.losses import sim
 from simjax.teachers import mixture
 
-N = 400_000     # Monte-Carlo samples; the surrogate and the divergence share them (common random numbers)
-REL_TOL = 0.04  # relative error allowed between the MC gradient and the FD gradient
-H = 1e-3        # finite-difference step (float64)
-
-GAUSSIAN = mixture.Mixture(jnp.array([[0.3, -0.2]]), jnp.array([[0.6, 0.4]]), jnp.array([1.0]))
-MIXTURE = mixture.Mixture(jnp.array([[-1.0, 0.0], [1.0, 0.5], [0.0, -1.2]]),
-                      jnp.array([[0.3, 0.3], [0.4, 0.2], [0.25, 0.5]]), jnp.array([0.3, 0.5, 0.2]))
-THETA0 = {"m": jnp.array([0.1, 0.2]), "L": jnp.array([[0.9, 0.0], [0.3, 0.7]])}
-
-
-def affine_denoiser(theta, x, sigma):
-  """Exact D_q(x) = x + sigma^2 grad log N(x; m, L L^T + sigma^2 I)."""
-  cov = theta["L"] @ theta["L"].T + sigma**2 * jnp.eye(2)
-  return x - sigma**2 * jnp.linalg.solve(cov, (x - theta["m"]).T).T
-
-
-def flat(theta):
-  return jnp.concatenate([theta["m"], theta["L"].ravel()])
-
-
-def unflat(v):
-  return {"m": v[:2], "L": v[2:].reshape(2, 2)}
+from analytic_cases import GAUSSIAN, H, MIXTURE, N, REL_TOL, THETA0, affine_denoiser, flat, unflat
 
 
 def gradients(teacher, distance, sigma, detach=False, seed=0):
@@ -176,17 +155,18 @@ def test_generator_losses_are_a_registry_selected_by_name():
   a registered function is all a new loss needs."""
   import ml_collections
   from simjax.errors import UserError
-  cfg = ml_collections.ConfigDict({"distance": "l2", "huber_c": 0.0, "huber_c_per_dim": 0.1})
+  cfg = ml_collections.ConfigDict({"distance": "l2", "huber_c": 0.0, "huber_c_per_dim": 0.1, "t_max": 0.8})
   x0, a, b = (jax.random.normal(jax.random.key(i), (4, 3)) for i in range(3))
   sigma, weight = jnp.ones((4,)), jnp.full((4,), 2.0)
-  sim_default = generator_losses.get_generator_loss(cfg, 3)(x0, a, b, sigma, weight)
+  sim_default = generator_losses.get_generator_loss(cfg, 3).per_sample(x0, a, b, sigma, weight)
   np.testing.assert_allclose(sim_default, 2.0 * jnp.sum(2.0 * (a - b) * (b - x0), axis=1), rtol=1e-6)
   cfg.name = "no_such_loss"
   with pytest.raises(UserError, match="loss.name to one of"):
     generator_losses.get_generator_loss(cfg, 3)
-  generator_losses.register("no_such_loss")(lambda c, d: lambda x0, a, b, s, w: w * jnp.sum((a - b) ** 2, axis=1))
+  generator_losses.register("no_such_loss")(lambda c, d: generator_losses.GeneratorLoss(
+      lambda x0, a, b, s, w: w * jnp.sum((a - b) ** 2, axis=1), (0.0, 1.0)))
   try:
-    got = generator_losses.get_generator_loss(cfg, 3)(x0, a, b, sigma, weight)
+    got = generator_losses.get_generator_loss(cfg, 3).per_sample(x0, a, b, sigma, weight)
     np.testing.assert_allclose(got, 2.0 * jnp.sum((a - b) ** 2, axis=1), rtol=1e-6)
   finally:
     del generator_losses.LOSSES["no_such_loss"]
@@ -196,8 +176,8 @@ def test_generator_loss_checks_shapes_at_its_boundary():
   """chex at the loss boundary: noise of the wrong shape, per-sample sigma of the wrong length, and a
   per-sample loss that is not [N] are refused where they enter, not broadcast into a wrong number."""
   import ml_collections
-  cfg = ml_collections.ConfigDict({"distance": "l2", "huber_c": 0.0, "huber_c_per_dim": 0.1})
-  per_sample = generator_losses.get_generator_loss(cfg, 3)
+  cfg = ml_collections.ConfigDict({"distance": "l2", "huber_c": 0.0, "huber_c_per_dim": 0.1, "t_max": 0.8})
+  per_sample = generator_losses.get_generator_loss(cfg, 3).per_sample
   x0 = jax.random.normal(jax.random.key(0), (4, 3))
   denoise = lambda p, x, s: p * x
   kwargs = dict(generate=lambda g: g * x0, per_sample_loss=per_sample, teacher_denoise=denoise,

@@ -61,15 +61,15 @@ def sample_sigma_lognormal(key, shape, p_mean=-1.2, p_std=1.2):
   return jnp.exp(p_mean + p_std * jax.random.normal(key, shape, jnp.float32))
 
 
-def sample_sigma_karras_uniform(key, shape, t_max=0.8, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
-  """Generator-loss noise levels in SiD's (and SIM's, DMD2's) direction: t ~ U[0, t_max] and
+def sample_sigma_karras_uniform(key, shape, t_max=0.8, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, t_min=0.0):
+  """Generator-loss noise levels in SiD's (and SIM's, DMD2's) direction: t ~ U[t_min, t_max] and
 
       sigma = (sigma_max^(1/rho) + (1 - t) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
 
   so t = 0 gives sigma_min and t_max caps the *largest* level: t_max = 0.8, rho = 7 puts sigma in
   [0.002, 24.4] with median ~1 (SiD, sid_training_loop's `sigma = (... + (1 - t) ...) ** rho`).
   """
-  t = jax.random.uniform(key, shape, jnp.float32, 0.0, t_max)
+  t = jax.random.uniform(key, shape, jnp.float32, t_min, t_max)
   return karras_sigma(1.0 - t, sigma_min, sigma_max, rho)
 
 

@@ -6,10 +6,20 @@ Every entry shares one per-sample signature in denoiser units,
 
 with the fake score's parameters already stopped and `weight` [N] the per-sample normaliser (1 where
 `loss.normalize` is off). `generator_loss` draws x_t = x0 + sigma eps, calls the two denoisers and
-averages; gradients reach the generator through x0 and x_t. A new loss (SiD, Diff-Instruct, DMD) is
-one function registered here with `register`.
+averages; gradients reach the generator through x0 and x_t. With y = a - b:
+
+  sim            w d'(y) . (b - x0)                  SIM with distance d (losses/sim.py)
+  sid            w y . ((a - x0) - alpha y)          SiD (Zhou et al. 2024, Eq. 23); alpha = 1 is SIM-L2 / 2
+  diff_instruct  w sg(b - a) . x0                    Diff-Instruct's integral-KL gradient (Luo et al. 2023)
+  dmd            the same with DMD's 1/mean|x0 - a|  DMD / DMD2 (Yin et al. 2024), DMD2's noise levels
+
+Units. D = x + sigma^2 s turns scores into denoisers, so `diff_instruct`'s gradient at one noise level is
+sigma^2 w dKL(q_sigma || p_sigma)/dtheta: the Diff-Instruct weighting w(sigma) / sigma^2 of the issue's
+formula with w(sigma) = sigma^2 w. `sid` at a fixed fake score is the gradient of half the SIM-L2
+divergence plus (1 - alpha) E_{q_theta} ||y||^2 (tests/test_loss_family.py proves both by finite
+differences). A new loss is one function registered here with `register`.
 """
-from typing import Callable, Dict
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import chex
 import jax
@@ -19,9 +29,18 @@ from simjax.errors import UserError
 from simjax.losses import sim
 
 PerSampleLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-# name -> (loss config, values per sample) -> per-sample loss
-LOSSES: Dict[str, Callable[[object, int], PerSampleLoss]] = {}
 DEFAULT = "sim"
+
+
+class GeneratorLoss(NamedTuple):
+  """A registered loss, built: its per-sample function and the range of t its noise levels are drawn
+  from (t ~ U[t_min, t_max] on the Karras ramp, diffusion/edm.sample_sigma_karras_uniform)."""
+  per_sample: PerSampleLoss
+  t_range: Tuple[float, float]
+
+
+# name -> (loss config, values per sample) -> GeneratorLoss
+LOSSES: Dict[str, Callable[[object, int], GeneratorLoss]] = {}
 
 
 def register(name: str):
@@ -29,6 +48,20 @@ def register(name: str):
     LOSSES[name] = factory
     return factory
   return add
+
+
+def _t_range(loss_config, prefix=""):
+  """(t_min, t_max) from `loss.<prefix>t_min` / `loss.<prefix>t_max`, checked: 0 <= t_min < t_max <= 1."""
+  t_min = float(loss_config.get(prefix + "t_min", 0.0) or 0.0)
+  t_max = float(loss_config.get(prefix + "t_max"))
+  if not 0.0 <= t_min < t_max <= 1.0:
+    raise UserError(f"loss.{prefix}t_min={t_min:g} and loss.{prefix}t_max={t_max:g} must satisfy "
+                    f"0 <= t_min < t_max <= 1; set --config.loss.{prefix}t_min / --config.loss.{prefix}t_max.")
+  return t_min, t_max
+
+
+def _per_sample_dot(u, v):
+  return jnp.sum((u * v).reshape(u.shape[0], -1), axis=-1)
 
 
 def sim_per_sample(distance: sim.Distance) -> PerSampleLoss:
@@ -39,12 +72,55 @@ def sim_per_sample(distance: sim.Distance) -> PerSampleLoss:
   return per_sample
 
 
+def sid_per_sample(alpha: float) -> PerSampleLoss:
+  """SiD's weight * y . ((a - x0) - alpha y), y = a - b; gradients through a, b and x0 (x_t and x0)."""
+  def per_sample(x0, a, b, sigma, weight):
+    del sigma
+    y = a - b
+    return weight * _per_sample_dot(y, (a - x0) - alpha * y)
+  return per_sample
+
+
+def diff_instruct_per_sample(x0, a, b, sigma, weight):
+  """weight * sg(b - a) . x0: the gradient reaches the generator through x0 alone (no network Jacobians)."""
+  del sigma
+  return weight * _per_sample_dot(jax.lax.stop_gradient(b - a), x0)
+
+
 @register("sim")
-def _sim(loss_config, data_dim: int) -> PerSampleLoss:
-  return sim_per_sample(sim.get_distance(loss_config, data_dim))
+def _sim(loss_config, data_dim: int) -> GeneratorLoss:
+  return GeneratorLoss(sim_per_sample(sim.get_distance(loss_config, data_dim)), _t_range(loss_config))
 
 
-def get_generator_loss(loss_config, data_dim: int) -> PerSampleLoss:
+@register("sid")
+def _sid(loss_config, data_dim: int) -> GeneratorLoss:
+  del data_dim
+  alpha = float(loss_config.get("alpha", 1.2))
+  if not -1e6 < alpha < 1e6:
+    raise UserError(f"loss.alpha must be a finite number, got {loss_config.get('alpha')}; set --config.loss.alpha "
+                    "(SiD's default 1.2; 1 is SIM-L2).")
+  return GeneratorLoss(sid_per_sample(alpha), _t_range(loss_config))
+
+
+@register("diff_instruct")
+def _diff_instruct(loss_config, data_dim: int) -> GeneratorLoss:
+  del data_dim
+  return GeneratorLoss(diff_instruct_per_sample, _t_range(loss_config))
+
+
+@register("dmd")
+def _dmd(loss_config, data_dim: int) -> GeneratorLoss:
+  """DMD's distribution-matching gradient: Diff-Instruct's direction with DMD's normaliser, which is part of
+  the method (so `loss.normalize` must stay on), at DMD2's noise levels: DMD2 draws Karras-grid indices
+  20..980 of 1000 (min/max_step_percent 0.02/0.98), here t ~ U[loss.dmd_t_min, loss.dmd_t_max]."""
+  del data_dim
+  if not loss_config.get("normalize", True):
+    raise UserError("loss.name='dmd' is defined with its per-sample normaliser 1/mean|x0 - D_p|; set "
+                    "--config.loss.normalize=True, or use --config.loss.name=diff_instruct for the unnormalised form.")
+  return GeneratorLoss(diff_instruct_per_sample, _t_range(loss_config, "dmd_"))
+
+
+def get_generator_loss(loss_config, data_dim: int) -> GeneratorLoss:
   """The registered loss `loss_config.name` (default 'sim') for samples of `data_dim` values."""
   name = loss_config.get("name", DEFAULT) or DEFAULT
   if name not in LOSSES:

@@ -72,8 +72,6 @@ def validate_common(config, data_dim: int = 1):
   if float(config.sigma_min) >= float(config.sigma_max):
     raise UserError(f"sigma_min ({config.sigma_min}) must be below sigma_max ({config.sigma_max}); "
                      "set --config.sigma_min / --config.sigma_max so that 0 < sigma_min < sigma_max.")
-  if not 0.0 < float(config.loss.t_max) <= 1.0:
-    raise UserError(f"loss.t_max must lie in (0, 1], got {config.loss.t_max}; set --config.loss.t_max in (0, 1].")
   _positive_int(config, "fake_steps_per_iteration")
   for name in ("max_nonfinite_streak", "keep_checkpoints"):
     if name in config:

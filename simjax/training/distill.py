@@ -144,7 +144,7 @@ def make_generator_sampler(nets, gen_extra, batch: int, mesh=None, cond_pool=Non
                        m, 1 + len(nets.data_shape))))
     return sampling.sample(built["fn"], (gen_params, built["extra"]), num=num, batch_size=batch, seed=seed,
                            data_shape=nets.data_shape, cond_space=nets.cond_space, mesh=built["mesh"],
-                           describe=describe, noise_fn=built["noise"], cond=cond)
+                           describe=describe, noise_fn=built["noise"], cond=cond, cond_pool=cond_pool)
   return sample
 
 

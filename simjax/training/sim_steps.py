@@ -77,7 +77,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   gen_nets = perf_lib.configure_networks(nets, opts)
   if opts.fuse_teacher_fake:
     perf_lib.check_fusable(gen_nets)
-  per_sample_loss = generator_losses.get_generator_loss(config.loss, math.prod(nets.data_shape))
+  per_sample_loss = generator_losses.get_generator_loss(config.loss, math.prod(nets.data_shape)).per_sample
   # SiD's loss scaling (--lsg 100, --ls 1): gradients reach Adam multiplied by these; losses and gradient
   # norms are reported unscaled.
   gen_scale, fake_scale = loss_scales(config)
@@ -183,6 +183,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
   fake_steps = int(config.fake_steps_per_iteration)
   step_grads = make_step_grads(nets, config, mesh, specs)
   gen_scale, fake_scale = loss_scales(config)
+  t_min, t_max = generator_losses.get_generator_loss(config.loss, math.prod(nets.data_shape)).t_range
 
   def iteration(state: state_lib.TrainState, consts):
     key = jax.random.fold_in(base_key, state.step)
@@ -207,8 +208,8 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       k = jax.random.fold_in(key, fake_steps)
       k_noise, k_sigma, k_eps, k_rng = jax.random.split(k, 4)
       z, cond = draw_generator_noise(k_noise, batch, nets, mesh, consts.get("cond_pool"))
-      sigma = edm.sample_sigma_karras_uniform(k_sigma, (batch,), float(config.loss.t_max), float(config.sigma_min),
-                                             float(config.sigma_max), float(config.rho))
+      sigma = edm.sample_sigma_karras_uniform(k_sigma, (batch,), t_max, float(config.sigma_min),
+                                             float(config.sigma_max), float(config.rho), t_min=t_min)
       eps = jax.random.normal(k_eps, z.shape, jnp.float32)
       loss, grads = step_grads.generator(params["generator"], params["fake"], consts, z, cond, sigma, eps, k_rng)
       params["generator"], opt_state["generator"] = state_lib.apply_optimizer(

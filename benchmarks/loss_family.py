@@ -1,0 +1,133 @@
+"""Every registered generator loss on the same budget: quality at equal steps, quality against steps, cost.
+
+  python benchmarks/loss_family.py --out=/tmp/loss_family                              # gmm2d + aniso16
+  python benchmarks/loss_family.py --out=/tmp/lf --problems=gmm2d --steps=3000 --points=3 --lrs=1e-4,3e-4
+
+Each (problem, loss, learning rate) is one `python -m simjax.main` run of the problem's config with
+`--config.loss.name=<loss>` and both learning rates set to the value, resumed at `points` evenly spaced
+step counts up to `steps` (a resumed run replays a single long one exactly), so every point is the
+pipeline's own final evaluation: sliced-W2 to the true mixture, off-mode mass and the worst mode-weight
+error of the generator's EMA, beside the teacher's Heun sampler and the true-sample floor. ms/iteration
+is the median of the runs' logged step rates (compiles excluded). For each loss the learning rate with
+the lowest final sliced-W2 is the one reported (the sweep is stated in the table).
+
+Writes <out>/results.jsonl (one row per point), <out>/table.md and <out>/curves.png (sliced-W2 against
+steps, one panel per problem, one line per loss at its chosen learning rate).
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROBLEMS = {
+    "gmm2d": ["--config=configs/gmm2d.py"],
+    "aniso16": ["--config=configs/gmm_aniso.py:16"],
+}
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def run_point(workdir: Path, problem: str, loss: str, lr: float, steps: int, extra):
+  cmd = [sys.executable, "-m", "simjax.main", *PROBLEMS[problem], f"--workdir={workdir}",
+         f"--config.loss.name={loss}", f"--config.optim.generator.lr={lr}", f"--config.optim.fake.lr={lr}",
+         f"--config.num_steps={steps}", f"--config.checkpoint_every={steps}", *extra]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  if proc.returncode != 0:
+    raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+  final = json.loads((workdir / "eval" / "final.json").read_text())
+  rates = [r["steps_per_sec"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+           if r.get("steps_per_sec")]
+  return final, rates
+
+
+def curves_png(path: Path, rows, chosen, problems, losses, size=(420, 300)):
+  """sliced-W2 against steps (log y), one panel per problem, one line per loss; PIL only."""
+  import math  # pylint: disable=import-outside-toplevel
+  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+  w, h = size
+  img = Image.new("RGB", (w * len(problems), h + 20 * len(losses)), "white")
+  draw = ImageDraw.Draw(img)
+  for i, problem in enumerate(problems):
+    pts = [r for r in rows if r["problem"] == problem and r["lr"] == chosen.get((problem, r["loss"]))]
+    if not pts:
+      continue
+    xs = [r["step"] for r in pts]
+    ys = [math.log10(v) for r in pts for v in (r["sliced_w2"], r["floor"])]
+    x0, x1, y0, y1 = 0, max(xs), min(ys) - 0.05, max(ys) + 0.05
+    to_px = lambda s, v: (i * w + 40 + (w - 60) * (s - x0) / (x1 - x0 or 1),
+                          h - 30 - (h - 60) * (math.log10(v) - y0) / (y1 - y0))
+    draw.rectangle([i * w + 40, 30, i * w + w - 20, h - 30], outline="black")
+    draw.text((i * w + 45, 8), f"{problem}: sliced-W2 (log) vs steps; grey = true-sample floor", fill="black")
+    floor = statistics.median(r["floor"] for r in pts)
+    draw.line([to_px(0, floor), to_px(x1, floor)], fill=(160, 160, 160), width=1)
+    for j, loss in enumerate(losses):
+      line = sorted((r["step"], r["sliced_w2"]) for r in pts if r["loss"] == loss)
+      if len(line) > 1:
+        draw.line([to_px(s, v) for s, v in line], fill=COLORS[j % len(COLORS)], width=2)
+  for j, loss in enumerate(losses):
+    draw.text((10, h + 20 * j), f"-- {loss}", fill=COLORS[j % len(COLORS)])
+  img.save(path)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--problems", default="gmm2d,aniso16")
+  parser.add_argument("--losses", default="", help="comma-separated; default: every registered loss")
+  parser.add_argument("--lrs", default="1e-4,3e-4", help="learning rates swept per loss (generator = fake)")
+  parser.add_argument("--steps", type=int, default=6000)
+  parser.add_argument("--points", type=int, default=4, help="evaluations along the run")
+  parser.add_argument("--extra", default="", help="more main flags for every run, space-separated")
+  args = parser.parse_args(argv)
+  from simjax.losses import generator as generator_losses  # pylint: disable=import-outside-toplevel
+  losses = args.losses.split(",") if args.losses else list(generator_losses.LOSSES)
+  problems, lrs = args.problems.split(","), [float(v) for v in args.lrs.split(",")]
+  out = Path(args.out).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for problem in problems:
+    for loss in losses:
+      for lr in lrs:
+        wd = out / "runs" / f"{problem}_{loss}_{lr:g}"
+        rates = []
+        for k in range(1, args.points + 1):
+          step = round(args.steps * k / args.points)
+          final, rates = run_point(wd, problem, loss, lr, step, args.extra.split())
+          gen = final["generator"]
+          row = {"problem": problem, "loss": loss, "lr": lr, "step": step, "sliced_w2": gen["sliced_w2"],
+                 "off_mode_mass": gen["off_mode_mass"], "mode_error": gen["mode_mass_max_abs_error"],
+                 "teacher_sliced_w2": final["teacher"]["sliced_w2"], "floor": final["reference"]["sliced_w2"],
+                 "teacher_off_mode_mass": final["teacher"]["off_mode_mass"]}
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+        rows[-1]["ms_per_iteration"] = 1000.0 / statistics.median(rates[1:] or rates)
+  (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  chosen, lines = {}, ["| problem | loss | lr (swept " + ", ".join(f"{v:g}" for v in lrs) + ") | sliced-W2 | "
+                       "teacher / floor | off-mode mass (teacher) | mode error | ms/iter (x sim) |",
+                       "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for problem in problems:
+    finals = [r for r in rows if r["problem"] == problem and "ms_per_iteration" in r]
+    base = statistics.median(r["ms_per_iteration"] for r in finals if r["loss"] == "sim") if any(
+        r["loss"] == "sim" for r in finals) else None
+    for loss in losses:
+      best = min((r for r in finals if r["loss"] == loss), key=lambda r: r["sliced_w2"])
+      chosen[(problem, loss)] = best["lr"]
+      ms = statistics.median(r["ms_per_iteration"] for r in finals if r["loss"] == loss)
+      ratio = f" ({ms / base:.2f}x)" if base else ""
+      lines.append(f"| {problem} | {loss} | {best['lr']:g} | {best['sliced_w2']:.4f} | {best['teacher_sliced_w2']:.4f}"
+                   f" / {best['floor']:.4f} | {best['off_mode_mass']:.4f} ({best['teacher_off_mode_mass']:.4f}) | "
+                   f"{best['mode_error']:.3f} | {ms:.2f}{ratio} |")
+  table = "\n".join(lines) + f"\n\n{args.steps} steps; command: python benchmarks/loss_family.py " + " ".join(
+      sys.argv[1:] if argv is None else argv) + "\n"
+  (out / "table.md").write_text(table)
+  curves_png(out / "curves.png", rows, chosen, problems, losses)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()
