@@ -19,6 +19,7 @@ formula with w(sigma) = sigma^2 w. `sid` at a fixed fake score is the gradient o
 divergence plus (1 - alpha) E_{q_theta} ||y||^2 (tests/test_loss_family.py proves both by finite
 differences). A new loss is one function registered here with `register`.
 """
+import math
 from typing import Callable, Dict, NamedTuple, Tuple
 
 import chex
@@ -60,10 +61,6 @@ def _t_range(loss_config, prefix=""):
   return t_min, t_max
 
 
-def _per_sample_dot(u, v):
-  return jnp.sum((u * v).reshape(u.shape[0], -1), axis=-1)
-
-
 def sim_per_sample(distance: sim.Distance) -> PerSampleLoss:
   """SIM's surrogate weight * d'(a - b) . (b - x0) with distance d (losses/sim.py)."""
   def per_sample(x0, a, b, sigma, weight):
@@ -77,14 +74,14 @@ def sid_per_sample(alpha: float) -> PerSampleLoss:
   def per_sample(x0, a, b, sigma, weight):
     del sigma
     y = a - b
-    return weight * _per_sample_dot(y, (a - x0) - alpha * y)
+    return weight * sim.per_sample_dot(y, (a - x0) - alpha * y)
   return per_sample
 
 
 def diff_instruct_per_sample(x0, a, b, sigma, weight):
   """weight * sg(b - a) . x0: the gradient reaches the generator through x0 alone (no network Jacobians)."""
   del sigma
-  return weight * _per_sample_dot(jax.lax.stop_gradient(b - a), x0)
+  return weight * sim.per_sample_dot(jax.lax.stop_gradient(b - a), x0)
 
 
 @register("sim")
@@ -96,7 +93,7 @@ def _sim(loss_config, data_dim: int) -> GeneratorLoss:
 def _sid(loss_config, data_dim: int) -> GeneratorLoss:
   del data_dim
   alpha = float(loss_config.get("alpha", 1.2))
-  if not -1e6 < alpha < 1e6:
+  if not math.isfinite(alpha):
     raise UserError(f"loss.alpha must be a finite number, got {loss_config.get('alpha')}; set --config.loss.alpha "
                     "(SiD's default 1.2; 1 is SIM-L2).")
   return GeneratorLoss(sid_per_sample(alpha), _t_range(loss_config))

@@ -40,8 +40,13 @@ class Distance(NamedTuple):
   derivative: Callable[[jax.Array], jax.Array]
 
 
+def per_sample_dot(u, v):
+  """Inner product of each sample's values: [N, ...] x [N, ...] -> [N]."""
+  return jnp.sum((u * v).reshape(u.shape[0], -1), axis=-1)
+
+
 def _sq_norm(y):
-  return jnp.sum(jnp.square(y).reshape(y.shape[0], -1), axis=-1)
+  return per_sample_dot(y, y)
 
 
 def _per_sample(v, y):
@@ -108,7 +113,7 @@ def sim_surrogate(x0, denoised_teacher, denoised_fake, distance: Distance, *, no
   u = distance.derivative(y)
   if detach_distance_grad:
     u = jax.lax.stop_gradient(u)
-  per_sample = jnp.sum((u * (denoised_fake - x0)).reshape(x0.shape[0], -1), axis=-1)
+  per_sample = per_sample_dot(u, denoised_fake - x0)
   if normalize:
     per_sample = per_sample * dmd_normalizer(x0, denoised_teacher, normalize_floor)
   return per_sample
