@@ -8,8 +8,11 @@ Each (problem, loss, learning rate) is one `python -m simjax.main` run of the pr
 step counts up to `steps` (a resumed run replays a single long one exactly), so every point is the
 pipeline's own final evaluation: sliced-W2 to the true mixture, off-mode mass and the worst mode-weight
 error of the generator's EMA, beside the teacher's Heun sampler and the true-sample floor. ms/iteration
-is the median of the runs' logged step rates (compiles excluded). For each loss the learning rate with
-the lowest final sliced-W2 is the one reported (the sweep is stated in the table).
+is timed in this process, apart from the runs (whose logged step rates include evaluation and
+checkpoints): each loss's jitted SIM iteration on the problem's config, timed in interleaved rounds
+(every loss once per round, so a shared machine's drift hits all of them alike), median over rounds,
+and its ratio to `sim` within the same rounds. For each loss the learning rate with the lowest final
+sliced-W2 is the one reported (the sweep is stated in the table).
 
 Writes <out>/results.jsonl (one row per point), <out>/table.md and <out>/curves.png (sliced-W2 against
 steps, one panel per problem, one line per loss at its chosen learning rate).
@@ -38,10 +41,49 @@ def run_point(workdir: Path, problem: str, loss: str, lr: float, steps: int, ext
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   if proc.returncode != 0:
     raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-  final = json.loads((workdir / "eval" / "final.json").read_text())
-  rates = [r["steps_per_sec"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-           if r.get("steps_per_sec")]
-  return final, rates
+  return json.loads((workdir / "eval" / "final.json").read_text())
+
+
+def time_iterations(problem: str, losses, rounds: int = 7, iters: int = 20):
+  """{loss: (median ms per SIM iteration, median ratio to sim's within a round)} on `problem`'s config."""
+  import time  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from simjax import config_files  # pylint: disable=import-outside-toplevel
+  from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from simjax.pipelines import gmm  # pylint: disable=import-outside-toplevel
+  from simjax.training import sim_steps, distill  # pylint: disable=import-outside-toplevel
+  path, _, arg = PROBLEMS[problem][0].split("=", 1)[1].partition(":")
+  steps = {}
+  for loss in losses:
+    config = config_files.load(REPO / path).get_config(arg or None)
+    config.loss.name = loss
+    config.init.copy_steps = 0  # the warm start does not change the step's cost
+    dist, _ = gmm.build(config)
+    state, shardings, specs = distill.setup_state(dist.optimizers, config, dist.mesh, _NoCheckpoints(),
+                                                  init_fn=dist.init_fn, ema_names=("generator",))
+    consts_specs = mesh_lib.param_specs(dist.consts, dist.mesh, 2**14)
+    step_specs = {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
+    it = sim_steps.make_sim_iteration(dist.nets, config, dist.mesh, step_specs, dist.optimizers)
+    fn = jax.jit(it, out_shardings=(shardings, None)).lower(state, dist.consts).compile()
+    jax.block_until_ready(fn(state, dist.consts))
+    steps[loss] = (fn, state, dist.consts)
+  times = {loss: [] for loss in losses}
+  for _ in range(rounds):
+    for loss, (fn, state, consts) in steps.items():
+      t0 = time.perf_counter()
+      s = state
+      for _ in range(iters):
+        s, metrics = fn(s, consts)
+      jax.block_until_ready((s, metrics))
+      times[loss].append(1000.0 * (time.perf_counter() - t0) / iters)
+  base = times.get("sim")
+  return {loss: (statistics.median(t), statistics.median(a / b for a, b in zip(t, base)) if base else None)
+          for loss, t in times.items()}
+
+
+class _NoCheckpoints:
+  def steps(self):
+    return []
 
 
 def curves_png(path: Path, rows, chosen, problems, losses, size=(420, 300)):
@@ -93,10 +135,9 @@ def main(argv=None):
     for loss in losses:
       for lr in lrs:
         wd = out / "runs" / f"{problem}_{loss}_{lr:g}"
-        rates = []
         for k in range(1, args.points + 1):
           step = round(args.steps * k / args.points)
-          final, rates = run_point(wd, problem, loss, lr, step, args.extra.split())
+          final = run_point(wd, problem, loss, lr, step, args.extra.split())
           gen = final["generator"]
           row = {"problem": problem, "loss": loss, "lr": lr, "step": step, "sliced_w2": gen["sliced_w2"],
                  "off_mode_mass": gen["off_mode_mass"], "mode_error": gen["mode_mass_max_abs_error"],
@@ -104,21 +145,23 @@ def main(argv=None):
                  "teacher_off_mode_mass": final["teacher"]["off_mode_mass"]}
           rows.append(row)
           print(json.dumps(row), flush=True)
-        rows[-1]["ms_per_iteration"] = 1000.0 / statistics.median(rates[1:] or rates)
+  for problem in problems:
+    for loss, (ms, ratio) in time_iterations(problem, losses).items():
+      for r in rows:
+        if r["problem"] == problem and r["loss"] == loss:
+          r["ms_per_iteration"], r["vs_sim"] = ms, ratio
   (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
   chosen, lines = {}, ["| problem | loss | lr (swept " + ", ".join(f"{v:g}" for v in lrs) + ") | sliced-W2 | "
                        "teacher / floor | off-mode mass (teacher) | mode error | ms/iter (x sim) |",
                        "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for problem in problems:
-    finals = [r for r in rows if r["problem"] == problem and "ms_per_iteration" in r]
-    base = statistics.median(r["ms_per_iteration"] for r in finals if r["loss"] == "sim") if any(
-        r["loss"] == "sim" for r in finals) else None
+    finals = [r for r in rows if r["problem"] == problem and r["step"] == args.steps]
     for loss in losses:
       best = min((r for r in finals if r["loss"] == loss), key=lambda r: r["sliced_w2"])
       chosen[(problem, loss)] = best["lr"]
-      ms = statistics.median(r["ms_per_iteration"] for r in finals if r["loss"] == loss)
-      ratio = f" ({ms / base:.2f}x)" if base else ""
+      ms = best["ms_per_iteration"]
+      ratio = f" ({best['vs_sim']:.2f}x)" if best["vs_sim"] is not None else ""
       lines.append(f"| {problem} | {loss} | {best['lr']:g} | {best['sliced_w2']:.4f} | {best['teacher_sliced_w2']:.4f}"
                    f" / {best['floor']:.4f} | {best['off_mode_mass']:.4f} ({best['teacher_off_mode_mass']:.4f}) | "
                    f"{best['mode_error']:.3f} | {ms:.2f}{ratio} |")

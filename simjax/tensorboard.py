@@ -9,6 +9,7 @@ back the same way). On an object store (gs://) the events are written to a local
 file is copied whole into the workdir at `sync()` (before every checkpoint) and at close.
 """
 import atexit
+import importlib
 import numbers
 import os
 import shutil
@@ -27,9 +28,12 @@ SUBDIR = "tensorboard"
 
 
 class StageWriter:
-  """The events of one stage; created lazily, at the first scalar or image."""
+  """The events of one stage; the file is created lazily, at the first scalar or image."""
 
   def __init__(self, workdir, stage: str):
+    # tensorboardX's package import pulls in torch where it is installed (~3 s here): paid now, before a
+    # training loop starts, not at its first logged step, where it would stall the host while the device idles.
+    importlib.import_module("tensorboardX.summary")
     self.target = epath.Path(workdir) / SUBDIR / stage
     self.remote = storage.is_remote(self.target)
     self.purge_step: Optional[int] = None

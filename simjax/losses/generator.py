@@ -78,6 +78,47 @@ def sid_per_sample(alpha: float) -> PerSampleLoss:
   return per_sample
 
 
+class FDivergence(NamedTuple):
+  """D_f(q || p) = E_p f(q / p) through the two weights its expanded gradient needs, as functions of log r,
+  r = q_sigma / p_sigma: score(r) = r f''(r) and density(r) = d(r score(r)) / dr."""
+  score: Callable[[jax.Array], jax.Array]
+  density: Callable[[jax.Array], jax.Array]
+
+
+# Distillation's naming: q is the generator, p the teacher. reverse_kl is the mode-seeking KL(q || p) that
+# Diff-Instruct and DMD minimise, forward_kl the mode-covering KL(p || q).
+F_DIVERGENCES = {
+    "reverse_kl": FDivergence(score=jnp.ones_like, density=jnp.ones_like),                    # f = r log r
+    "forward_kl": FDivergence(score=lambda log_r: jnp.exp(-log_r), density=jnp.zeros_like),   # f = -log r
+    "jensen_shannon": FDivergence(score=lambda log_r: 0.5 * jax.nn.sigmoid(-log_r),           # 1 / (2 (1 + r))
+                                  density=lambda log_r: 0.5 * jax.nn.sigmoid(-log_r) ** 2),
+}
+
+
+def f_divergence_per_sample(f: FDivergence):
+  """The gradient of Uni-Instruct's expansion of D_f at one noise level (Wang et al. 2025, arXiv 2505.20755).
+
+  Along the diffusion, D_f(q_0 || p_0) = int sigma F_sigma dsigma with
+  F_sigma(theta) = E_{x ~ q_theta,sigma}[ r f''(r) ||s_q(x) - s_p(x)||^2 ] (from d/dsigma D_f(q_sigma || p_sigma)
+  and the heat equation). Its gradient, with the score s_q and the ratio r of q_theta itself (not held), splits
+  into two branches, each a fixed function of x_t differentiated through x_t alone:
+    - the score branch, SIM-L2's surrogate weighted by r f''(r): through s_q's dependence on theta, by SIM's
+      score-projection identity;
+    - the density branch, (r^2 f''(r))' ||y||^2: through the measure q_theta and the ratio's dependence on it.
+  In denoiser units (times sigma^4, as SIM's surrogate):
+      w [ density(r) ||a - b||^2 + score(r) 2 (a - b) . (b - x0) ].
+  reverse_kl's density weight is 1 (it is 2 * sid at alpha = 1/2); forward_kl's is 0 (SIM-L2's branch alone,
+  weighted by p / q). `log_ratio` [N] is log q_sigma(x_t) - log p_sigma(x_t) *as a function of x_t*: the
+  gradient must reach the generator through it, so a stopped ratio is wrong (tests/test_loss_family.py).
+  """
+  def per_sample(x0, a, b, sigma, weight, log_ratio):
+    del sigma
+    y = a - b
+    return weight * (f.density(log_ratio) * sim.per_sample_dot(y, y)
+                     + f.score(log_ratio) * 2.0 * sim.per_sample_dot(y, b - x0))
+  return per_sample
+
+
 def diff_instruct_per_sample(x0, a, b, sigma, weight):
   """weight * sg(b - a) . x0: the gradient reaches the generator through x0 alone (no network Jacobians)."""
   del sigma
