@@ -104,6 +104,9 @@ def curves_png(path: Path, rows, chosen, problems, losses, size=(420, 300)):
                           h - 30 - (h - 60) * (math.log10(v) - y0) / (y1 - y0))
     draw.rectangle([i * w + 40, 30, i * w + w - 20, h - 30], outline="black")
     draw.text((i * w + 45, 8), f"{problem}: sliced-W2 (log) vs steps; grey = true-sample floor", fill="black")
+    for v, (px, py) in ((10 ** y1, to_px(0, 10 ** y1)), (10 ** y0, to_px(0, 10 ** y0))):
+      draw.text((px - 38, py - 6), f"{v:.3f}", fill="black")
+    draw.text((to_px(x1, 10 ** y0)[0] - 30, h - 26), f"{x1} steps", fill="black")
     floor = statistics.median(r["floor"] for r in pts)
     draw.line([to_px(0, floor), to_px(x1, floor)], fill=(160, 160, 160), width=1)
     for j, loss in enumerate(losses):
