@@ -16,6 +16,18 @@ RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "keep_checkpo
                      "perf")  # speed/memory switches: a run may move between machines
 
 
+# Config keys added after runs were recorded without them, each with the value that behaves as those runs
+# did: a recorded run lacking one resumes when this run has that value (any other value is a difference).
+ADDED_KEYS = {
+    "loss.t_min": 0.0,                  # the generator loss's noise levels from t = 0, as before the key
+    "loss.alpha": 1.2,                  # read only by loss.name='sid'
+    "loss.dmd_t_min": 0.02,             # read only by loss.name='dmd'
+    "loss.dmd_t_max": 0.98,
+    "teacher.guidance": 1.0,            # unguided teacher
+    "teacher_train.label_dropout": 0.0,
+}
+
+
 class WorkdirError(ValueError):
   pass
 
@@ -32,11 +44,13 @@ def _flatten(d, prefix=""):
 
 
 def config_differences(old: dict, new: dict):
-  """Keys whose values differ, ignoring RESUMABLE_CHANGES."""
+  """Keys whose values differ, ignoring RESUMABLE_CHANGES and ADDED_KEYS a recorded run predates."""
   a, b = _flatten(old), _flatten(new)
   diffs = []
   for k in sorted(set(a) | set(b)):
     if any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES):
+      continue
+    if k not in a and k in ADDED_KEYS and json.dumps(b.get(k)) == json.dumps(ADDED_KEYS[k]):
       continue
     if json.dumps(a.get(k)) != json.dumps(b.get(k)):
       diffs.append(k)

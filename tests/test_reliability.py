@@ -217,6 +217,26 @@ def test_same_config_and_seed_is_bit_identical_and_recorded(baseline, tmp_path, 
   assert {"jax_version", "backend", "num_devices", "started"} <= set(info)
 
 
+def test_a_run_recorded_before_newer_config_keys_resumes_unless_they_change_it(baseline, tmp_path, env):
+  """A workdir whose config.json predates keys simjax added later (workdir.ADDED_KEYS) resumes when they keep
+  their old behaviour's values, and is refused (exit 2, naming the key) when one is changed."""
+  from simjax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  def older_run(name):
+    wd = tmp_path / name
+    shutil.copytree(baseline, wd)
+    config = json.loads((wd / "config.json").read_text())
+    for key in workdir_lib.ADDED_KEYS:
+      section, _, leaf = key.partition(".")
+      config.get(section, {}).pop(leaf, None)
+    (wd / "config.json").write_text(json.dumps(config))
+    return wd
+  wd = older_run("resumes")
+  run(wd, NUM_STEPS + 5, env)
+  assert finished_steps(wd)[-1] == NUM_STEPS + 5
+  _, text = run(older_run("changed"), NUM_STEPS + 5, env, "--config.loss.t_min=0.1", expect=2)
+  assert "different config (loss.t_min)" in text, text[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Preemption.
 
