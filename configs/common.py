@@ -44,6 +44,10 @@ def shared_config(pipeline: str):
   # loss.name='dmd': DMD2's noise levels (Karras-grid indices 20..980 of 1000), sigma in [0.0032, 71.7].
   c.loss.dmd_t_min = 0.02
   c.loss.dmd_t_max = 0.98
+  # DMD's regression term (off at 0; DMD uses 0.25 with LPIPS, simjax the mean squared error): the generator
+  # also regresses onto its teacher's Heun samples from the same noise, `regression_pairs` of them drawn once.
+  c.loss.regression_weight = 0.0
+  c.loss.regression_pairs = 1024
 
   # Fake score: EDM DSM on stop-gradient generator samples.
   c.fake_p_mean = -1.2

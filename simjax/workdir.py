@@ -23,6 +23,8 @@ ADDED_KEYS = {
     "loss.alpha": 1.2,                  # read only by loss.name='sid'
     "loss.dmd_t_min": 0.02,             # read only by loss.name='dmd'
     "loss.dmd_t_max": 0.98,
+    "loss.regression_weight": 0.0,      # DMD's regression term off
+    "loss.regression_pairs": 1024,
     "teacher.guidance": 1.0,            # unguided teacher
     "teacher_train.label_dropout": 0.0,
 }

@@ -77,6 +77,8 @@ def _cases(files):
            "loss.alpha must be a finite number"),
       Case("dmd_unnormalised", [GMM, "--workdir={workdir}", "--config.loss.name=dmd", "--config.loss.normalize=False"],
            "loss.name=diff_instruct"),
+      Case("regression_weight_negative", [GMM, "--workdir={workdir}", "--config.loss.regression_weight=-1"],
+           "loss.regression_weight must be a finite value >= 0"),
       Case("t_min_above_t_max", [GMM, "--workdir={workdir}", "--config.loss.t_min=0.9"], "0 <= t_min < t_max <= 1"),
       Case("distributed_without_a_cluster", [GMM, "--workdir={workdir}"], "jax.distributed.initialize() failed",
            env={"SIMJAX_DISTRIBUTED": "1"}),

@@ -91,9 +91,10 @@ def validate_common(config, data_dim: int = 1):
     except ValueError as e:  # name the optimizer and the flag to fix
       raise UserError(f"optim.{name}: {str(e).rstrip('.')} (--config.optim.{name}.*).") from None
   from simjax.losses import generator as generator_losses  # pylint: disable=import-outside-toplevel
-  from simjax.training import sim_steps  # pylint: disable=import-outside-toplevel
+  from simjax.training import regression, sim_steps  # pylint: disable=import-outside-toplevel
   generator_losses.get_generator_loss(config.loss, data_dim)
   sim_steps.loss_scales(config)
+  regression.settings(config)
   perf_lib.resolve(config)
   mesh = mesh_lib.make_mesh(config.mesh_shape)
   mesh_lib.check_batch_divisible(int(config.batch_size), mesh)

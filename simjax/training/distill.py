@@ -16,6 +16,7 @@ from simjax import sampling
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import checkpoint as ckpt_lib
 from simjax.training import loop as loop_lib
+from simjax.training import regression
 from simjax.training import sim_steps
 from simjax.training import state as state_lib
 from simjax.training.roles import DistillNetworks
@@ -93,8 +94,11 @@ def train_sim(config, workdir, distillation: Distillation, checkpointer, writer,
   mesh, nets = distillation.mesh, distillation.nets
   state, shardings, specs = restore_or_init(distillation, config, checkpointer)
   min_size = int(config.get("fsdp_min_size", 2**14))
-  consts_specs = mesh_lib.param_specs(distillation.consts, mesh, min_size)
-  consts = jax.device_put(distillation.consts, mesh_lib.specs_to_shardings(consts_specs, mesh))
+  consts = dict(distillation.consts)
+  if regression.settings(config)[0]:  # drawn again on resume: the same seed gives the same pairs
+    consts["regression"] = regression.make_pairs(nets, consts["teacher"], config, mesh)
+  consts_specs = mesh_lib.param_specs(consts, mesh, min_size)
+  consts = jax.device_put(consts, mesh_lib.specs_to_shardings(consts_specs, mesh))
   step_specs = {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
 
   compiled = {}

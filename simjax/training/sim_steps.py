@@ -20,6 +20,7 @@ from simjax.losses import generator as generator_losses
 from simjax.parallel import mesh as mesh_lib
 from simjax.teachers import guidance
 from simjax.training import perf as perf_lib
+from simjax.training import regression
 from simjax.training import state as state_lib
 from simjax.training.roles import DistillNetworks
 
@@ -85,6 +86,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   if guidance_weight != 1.0 and opts.fuse_teacher_fake:
     raise UserError("teacher.guidance != 1 with perf.fuse_teacher_fake: set --config.perf.fuse_teacher_fake=False.")
   augment_p = fake_augment_probability(config, nets)
+  regression_weight, _ = regression.settings(config)
 
   def fake_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng):
     consts = mesh_lib.gather_params(consts, specs["consts"])
@@ -132,6 +134,12 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
           gp, fake_full, consts["teacher"], generate=generate, teacher_denoise=teacher_denoise,
           fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma, per_sample_loss=per_sample_loss,
           normalize=bool(config.loss.normalize), normalize_floor=float(config.loss.normalize_floor))
+      if regression_weight:
+        # DMD's regression term on this device's share of the pairs (its own draw, folded with the device).
+        reg = regression.loss(
+            lambda z_, c_: gen_nets.generate(gp, consts["generator"], z_, c_, train=True, rng=jax.random.fold_in(rng, 5)),
+            consts["regression"], jax.random.fold_in(rng, 6), z.shape[0])
+        loss = loss + regression_weight * reg
       return gen_scale * loss, aux
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen_params)
