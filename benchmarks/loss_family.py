@@ -49,7 +49,6 @@ def time_iterations(problem: str, losses, rounds: int = 7, iters: int = 20):
   import time  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from simjax import config_files  # pylint: disable=import-outside-toplevel
-  from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from simjax.pipelines import gmm  # pylint: disable=import-outside-toplevel
   from simjax.training import sim_steps, distill  # pylint: disable=import-outside-toplevel
   path, _, arg = PROBLEMS[problem][0].split("=", 1)[1].partition(":")
@@ -61,12 +60,11 @@ def time_iterations(problem: str, losses, rounds: int = 7, iters: int = 20):
     dist, _ = gmm.build(config)
     state, shardings, specs = distill.setup_state(dist.optimizers, config, dist.mesh, _NoCheckpoints(),
                                                   init_fn=dist.init_fn, ema_names=("generator",))
-    consts_specs = mesh_lib.param_specs(dist.consts, dist.mesh, 2**14)
-    step_specs = {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
+    consts, step_specs = distill.iteration_inputs(dist, config, specs)
     it = sim_steps.make_sim_iteration(dist.nets, config, dist.mesh, step_specs, dist.optimizers)
-    fn = jax.jit(it, out_shardings=(shardings, None)).lower(state, dist.consts).compile()
-    jax.block_until_ready(fn(state, dist.consts))
-    steps[loss] = (fn, state, dist.consts)
+    fn = jax.jit(it, out_shardings=(shardings, None)).lower(state, consts).compile()
+    jax.block_until_ready(fn(state, consts))
+    steps[loss] = (fn, state, consts)
   times = {loss: [] for loss in losses}
   for _ in range(rounds):
     for loss, (fn, state, consts) in steps.items():

@@ -38,6 +38,13 @@ def guided(denoise: Callable, weight: float, null=None) -> Callable:
   return call
 
 
+def guided_teacher(teacher, weight: float) -> Callable:
+  """denoise(variables, x, sigma, cond) of a teacher role (roles.Denoiser: its variables hold 'params' and
+  the other collections), guided with weight w as `guided`."""
+  return lambda v, x, s, cond: guided(lambda x_, s_, c_: teacher.apply(v.get("params"), v, x_, s_, c_), weight)(
+      x, s, cond)
+
+
 def weight_of(config) -> float:
   """config.teacher.guidance (1 where the config has none)."""
   teacher = config.get("teacher")

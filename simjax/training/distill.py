@@ -88,18 +88,23 @@ def restore_or_init(distillation: Distillation, config, checkpointer):
                      init_fn=distillation.init_fn, ema_names=("generator",))
 
 
+def iteration_inputs(distillation: Distillation, config, specs):
+  """(consts on the mesh, the iteration's specs): the step's frozen inputs, with DMD's regression pairs
+  where loss.regression_weight > 0 (drawn again on resume: the same seed gives the same pairs)."""
+  consts = dict(distillation.consts)
+  if regression.settings(config)[0]:
+    consts["regression"] = regression.make_pairs(distillation.nets, consts["teacher"], config, distillation.mesh)
+  consts_specs = mesh_lib.param_specs(consts, distillation.mesh, int(config.get("fsdp_min_size", 2**14)))
+  consts = jax.device_put(consts, mesh_lib.specs_to_shardings(consts_specs, distillation.mesh))
+  return consts, {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
+
+
 def train_sim(config, workdir, distillation: Distillation, checkpointer, writer, hooks=()):
   """Runs SIM distillation to config.num_steps; returns (state, status, specs)."""
   del workdir  # the checkpointer and writer already point into it
   mesh, nets = distillation.mesh, distillation.nets
   state, shardings, specs = restore_or_init(distillation, config, checkpointer)
-  min_size = int(config.get("fsdp_min_size", 2**14))
-  consts = dict(distillation.consts)
-  if regression.settings(config)[0]:  # drawn again on resume: the same seed gives the same pairs
-    consts["regression"] = regression.make_pairs(nets, consts["teacher"], config, mesh)
-  consts_specs = mesh_lib.param_specs(consts, mesh, min_size)
-  consts = jax.device_put(consts, mesh_lib.specs_to_shardings(consts_specs, mesh))
-  step_specs = {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
+  consts, step_specs = iteration_inputs(distillation, config, specs)
 
   compiled = {}
   def step_fn(step):

@@ -39,9 +39,7 @@ def make_pairs(nets: DistillNetworks, teacher_variables, config, mesh):
   _, num = settings(config)
   batch = int(config.eval.batch_size)  # the evaluation's batch: already checked against the mesh
   seed = int(config.seed) + SEED_OFFSET
-  weight = guidance.weight_of(config)
-  denoise = lambda v, x, s, cond: guidance.guided(lambda x_, s_, c_: nets.teacher.apply(v.get("params"), v, x_, s_, c_),
-                                                  weight)(x, s, cond)
+  denoise = guidance.guided_teacher(nets.teacher, guidance.weight_of(config))
   heun = sampling.make_heun_batch_fn(denoise, mesh, num_steps=int(config.eval.teacher_steps),
                                      sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max),
                                      rho=float(config.rho))

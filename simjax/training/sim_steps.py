@@ -120,10 +120,10 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
     if opts.fuse_teacher_fake:
       pair = lambda tp, fp, x, s: perf_lib.paired_denoise(gen_nets.teacher.module, tp, {**consts["fake"], "params": fp},
                                                           x, s, cond)
+    teacher_guided = guidance.guided_teacher(gen_nets.teacher, guidance_weight)
     teacher_denoise, fake_denoise, denoise_pair = perf_lib.generator_step_denoisers(
         # The teacher, classifier-free guided where config.teacher.guidance != 1 (teachers/guidance.py).
-        lambda p, x, s: guidance.guided(lambda x_, s_, c_: gen_nets.teacher.apply(p.get("params"), p, x_, s_, c_),
-                                        guidance_weight)(x, s, cond),
+        lambda p, x, s: teacher_guided(p, x, s, cond),
         # Fake score frozen (no dropout) inside the generator step; stop-gradient on its params (in the loss).
         lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, cond),
         pair, opts)
