@@ -48,6 +48,17 @@ def shared_config(pipeline: str):
   # also regresses onto its teacher's Heun samples from the same noise, `regression_pairs` of them drawn once.
   c.loss.regression_weight = 0.0
   c.loss.regression_pairs = 1024
+  # loss.name='uni_instruct': the f-divergence (reverse_kl, forward_kl, jensen_shannon), its ratio q/p from the
+  # discriminator below.
+  c.loss.f = "reverse_kl"
+
+  # SiDA's adversarial term (losses/adversarial.py): the fake score's encoder is also a discriminator of real
+  # vs generated samples (trained whenever this is on or loss.name='uni_instruct'), and the generator's loss
+  # gains weight * its cross-entropy. 0 = off; SiDA's CIFAR-10 setting in these units is 1e-4 (--lsg_gan 0.01
+  # over --lsg 100). discriminator_weight scales its loss in the fake step (SiDA's --lsd 1).
+  c.adversarial = ml_collections.ConfigDict()
+  c.adversarial.weight = 0.0
+  c.adversarial.discriminator_weight = 1.0
 
   # Fake score: EDM DSM on stop-gradient generator samples.
   c.fake_p_mean = -1.2

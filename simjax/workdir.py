@@ -27,6 +27,9 @@ ADDED_KEYS = {
     "loss.regression_pairs": 1024,
     "teacher.guidance": 1.0,            # unguided teacher
     "teacher_train.label_dropout": 0.0,
+    "loss.f": "reverse_kl",             # read only by loss.name='uni_instruct'
+    "adversarial.weight": 0.0,          # SiDA's adversarial term off
+    "adversarial.discriminator_weight": 1.0,
 }
 
 

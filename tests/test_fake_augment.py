@@ -47,7 +47,8 @@ def _fake_step(nets, variables, params, inputs, p):
   rep = lambda t: jax.tree.map(lambda _: P(), t)
   specs = {"generator": rep(params), "fake": rep(params), "consts": rep(consts)}
   fn = sim_steps.make_step_grads(nets, config, mesh, specs).fake
-  return jax.jit(fn)(params, params, consts, *inputs)
+  loss, grads, _ = jax.jit(fn)(params, params, consts, *inputs)
+  return loss, grads
 
 
 def _dsm_by_hand(nets, params, inputs, p):

@@ -87,14 +87,17 @@ def test_default_run_meets_the_quality_bounds(tmp_path):
   assert gen["mode_mass_max_abs_error"] <= 0.03, gen["mode_mass"]
 
 
-@pytest.mark.parametrize("loss", ["sid", "diff_instruct", "dmd"])
-def test_each_registered_loss_trains_end_to_end(tmp_path, loss):
+@pytest.mark.parametrize("loss,extra", [("sid", ()), ("diff_instruct", ()), ("dmd", ()),
+                                        ("uni_instruct", ("--config.loss.f=forward_kl",))])
+def test_each_registered_loss_trains_end_to_end(tmp_path, loss, extra):
   """A short main run per loss of the family (sim has the run above): it learns from the warm start (sliced-W2
-  ~10x the true-sample floor, every sample off-mode, at step 1) to near the floor in 300 steps."""
-  run_main(tmp_path / loss, 300, f"--config.loss.name={loss}", "--config.checkpoint_every=300")
+  ~10x the true-sample floor, every sample off-mode, at step 1) to near the floor in 300 steps. uni_instruct
+  trains the fake score as its discriminator too, on the mixture's exact samples."""
+  run_main(tmp_path / loss, 300, f"--config.loss.name={loss}", "--config.checkpoint_every=300", *extra)
   final = json.loads((tmp_path / loss / "eval" / "final.json").read_text())
   gen, floor = final["generator"], final["reference"]["sliced_w2"]
   assert gen["step"] == 300 and np.isfinite(gen["sliced_w2"])
   assert gen["sliced_w2"] < 2.5 * floor and gen["off_mode_mass"] < 0.3, (loss, gen, floor)
   rows = read_jsonl(tmp_path / loss / "metrics.jsonl")
   assert all(np.isfinite(r["gen_loss"]) and r["step_ok"] == 1 for r in rows if "gen_loss" in r)
+  assert all(("disc_loss" in r) == (loss == "uni_instruct") for r in rows if "gen_loss" in r)

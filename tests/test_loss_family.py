@@ -301,6 +301,42 @@ def test_f_divergence_with_the_ratio_stopped_fails_the_same_check(f_name):
   assert rel_err(g, fd) > 3 * REL_TOL, (g, fd)
 
 
+def uni_instruct_gradient(f_name, sigma, z, eps, *, logit_sign=1.0):
+  """jax.grad at theta0 of loss.name='uni_instruct' through generator_loss, its fake score returning (D, logits)
+  with the logits an exact discriminator's log p - log q_theta0 (times logit_sign)."""
+  entry = generator_losses.get_generator_loss(loss_config(name="uni_instruct", f=f_name, normalize=False), 2)
+  def fake(p, x, s):
+    del p
+    logits = mixture.log_density(MIXTURE, x, s) - log_q_affine(THETA0, x, sigma)
+    return affine_denoiser(THETA0, x, sigma), logit_sign * logits[:, None]
+  def surrogate(v):
+    loss, _ = generator_losses.generator_loss(
+        v, None, None, generate=lambda v_: generated(v_, z, eps, sigma)[0], per_sample_loss=entry.per_sample,
+        eps=eps, sigma=jnp.full((N,), sigma, jnp.float64), teacher_denoise=lambda p, x, s: mixture.denoise(MIXTURE, x, s),
+        fake_denoise=fake, normalize=False, needs_ratio=entry.needs_ratio)
+    return loss
+  return np.asarray(jax.grad(surrogate)(flat(THETA0)))
+
+
+@pytest.mark.parametrize("f_name", sorted(generator_losses.F_DIVERGENCES))
+def test_uni_instruct_with_an_exact_discriminator_matches_finite_differences(f_name):
+  """The registered loss, its ratio read from the fake score's logits (losses/adversarial.log_ratio)."""
+  with jax.enable_x64(True):
+    z, eps = draws()
+    g = uni_instruct_gradient(f_name, 0.7, z, eps)
+    fd = finite_differences(f_expansion_objective(generator_losses.F_DIVERGENCES[f_name], MIXTURE, 0.7, z, eps))
+  assert rel_err(g, fd) < REL_TOL, (g, fd)
+
+
+def test_uni_instruct_with_the_discriminator_labels_swapped_fails_the_same_check():
+  """Logits of a discriminator trained with real and generated swapped (log q / p): forward KL's weights see it."""
+  with jax.enable_x64(True):
+    z, eps = draws()
+    g = uni_instruct_gradient("forward_kl", 0.7, z, eps, logit_sign=-1.0)
+    fd = finite_differences(f_expansion_objective(generator_losses.F_DIVERGENCES["forward_kl"], MIXTURE, 0.7, z, eps))
+  assert rel_err(g, fd) > 3 * REL_TOL, (g, fd)
+
+
 def test_reverse_kl_is_twice_sid_at_alpha_one_half_and_forward_kl_is_sim_l2_weighted_by_p_over_q():
   x0, a, b, sigma = _random_batch()
   w = jnp.linspace(0.5, 2.0, x0.shape[0])

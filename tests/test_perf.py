@@ -79,8 +79,8 @@ def _step_grads(setup, config):
 def _grads(setup, config, which):
   fn = getattr(_step_grads(setup, config), which)
   i = setup["inputs"]
-  loss, grads = jax.jit(fn)(setup["gen"], setup["fake"], setup["consts"], i["z"], i["labels"], i["sigma"], i["eps"],
-                            i["rng"])
+  loss, grads, _ = jax.jit(fn)(setup["gen"], setup["fake"], setup["consts"], i["z"], i["labels"], i["sigma"], i["eps"],
+                               i["rng"])
   return float(loss), grads
 
 

@@ -12,6 +12,8 @@ averages; gradients reach the generator through x0 and x_t. With y = a - b:
   sid            w y . ((a - x0) - alpha y)          SiD (Zhou et al. 2024, Eq. 23); alpha = 1 is SIM-L2 / 2
   diff_instruct  w sg(b - a) . x0                    Diff-Instruct's integral-KL gradient (Luo et al. 2023)
   dmd            the same with DMD's 1/mean|x0 - a|  DMD / DMD2 (Yin et al. 2024), DMD2's noise levels
+  uni_instruct   w [density(r) ||y||^2 + score(r) 2 y . (b - x0)], r = q/p from the discriminator: the
+                 expanded f-divergence `loss.f` (Uni-Instruct, Wang et al. 2025); per_sample takes log_ratio
 
 Units. D = x + sigma^2 s turns scores into denoisers, so `diff_instruct`'s gradient at one noise level is
 sigma^2 w dKL(q_sigma || p_sigma)/dtheta: the Diff-Instruct weighting w(sigma) / sigma^2 of the issue's
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from simjax.errors import UserError
+from simjax.losses import adversarial
 from simjax.losses import sim
 
 PerSampleLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -35,9 +38,12 @@ DEFAULT = "sim"
 
 class GeneratorLoss(NamedTuple):
   """A registered loss, built: its per-sample function and the range of t its noise levels are drawn
-  from (t ~ U[t_min, t_max] on the Karras ramp, diffusion/edm.sample_sigma_karras_uniform)."""
+  from (t ~ U[t_min, t_max] on the Karras ramp, diffusion/edm.sample_sigma_karras_uniform). With
+  needs_ratio, per_sample takes a sixth argument, log q_sigma / p_sigma at x_t from the discriminator
+  (losses/adversarial.py), which the fake-score step then trains."""
   per_sample: PerSampleLoss
   t_range: Tuple[float, float]
+  needs_ratio: bool = False
 
 
 # name -> (loss config, values per sample) -> GeneratorLoss
@@ -158,6 +164,16 @@ def _dmd(loss_config, data_dim: int) -> GeneratorLoss:
   return GeneratorLoss(diff_instruct_per_sample, _t_range(loss_config, "dmd_"))
 
 
+@register("uni_instruct")
+def _uni_instruct(loss_config, data_dim: int) -> GeneratorLoss:
+  """Uni-Instruct's expanded f-divergence `loss.f`, its density ratio from the fake score's discriminator."""
+  del data_dim
+  name = loss_config.get("f", "reverse_kl")
+  if name not in F_DIVERGENCES:
+    raise UserError(f"unknown f-divergence loss.f={name!r}; set --config.loss.f to one of {sorted(F_DIVERGENCES)}.")
+  return GeneratorLoss(f_divergence_per_sample(F_DIVERGENCES[name]), _t_range(loss_config), needs_ratio=True)
+
+
 def get_generator_loss(loss_config, data_dim: int) -> GeneratorLoss:
   """The registered loss `loss_config.name` (default 'sim') for samples of `data_dim` values."""
   name = loss_config.get("name", DEFAULT) or DEFAULT
@@ -168,7 +184,7 @@ def get_generator_loss(loss_config, data_dim: int) -> GeneratorLoss:
 
 def generator_loss(gen_params, fake_params, teacher_params, *, generate, per_sample_loss: PerSampleLoss, eps, sigma,
                    teacher_denoise=None, fake_denoise=None, denoise_pair=None, normalize: bool = True,
-                   normalize_floor: float = 1e-5):
+                   normalize_floor: float = 1e-5, needs_ratio: bool = False):
   """Mean generator loss over a batch; `jax.grad` of it w.r.t. gen_params is the generator's gradient.
 
   Args:
@@ -177,13 +193,15 @@ def generator_loss(gen_params, fake_params, teacher_params, *, generate, per_sam
     teacher_params: frozen teacher parameters.
     generate: gen_params -> x0 [N, ...] (the generator's one-step samples, its noise closed over).
     per_sample_loss: an entry of LOSSES, built.
-    teacher_denoise, fake_denoise: (params, x_t, sigma) -> D(x_t, sigma).
+    teacher_denoise, fake_denoise: (params, x_t, sigma) -> D(x_t, sigma); fake_denoise may return
+      (D, discriminator logits) instead (losses/adversarial.py), which aux then holds.
     denoise_pair: instead of the two, (teacher_params, fake_params, x_t, sigma) -> (D_teacher, D_fake)
       from one call (both see the same x_t).
     eps: diffusion noise, x0's shape; sigma: per-sample noise levels [N].
     normalize: weight each sample by DMD/SiD's 1 / sg(mean |x0 - D_p(x_t)|) (losses/sim.py).
+    needs_ratio: the loss takes log q/p at x_t (GeneratorLoss.needs_ratio), from the fake's logits.
   Returns:
-    (loss, aux) with aux holding x0 and the per-sample loss.
+    (loss, aux) with aux holding x0, the per-sample loss and weight, and the logits where given.
   """
   fake_params = jax.lax.stop_gradient(fake_params)
   teacher_params = jax.lax.stop_gradient(teacher_params)
@@ -197,9 +215,18 @@ def generator_loss(gen_params, fake_params, teacher_params, *, generate, per_sam
   else:
     d_teacher = teacher_denoise(teacher_params, x_t, sigma)
     d_fake = fake_denoise(fake_params, x_t, sigma)
+  d_fake, logits = d_fake if isinstance(d_fake, tuple) else (d_fake, None)
   chex.assert_equal_shape([x0, d_teacher, d_fake])
   weight = (sim.dmd_normalizer(x0, d_teacher, normalize_floor) if normalize
             else jnp.ones(x0.shape[:1], jnp.float32))
-  per_sample = per_sample_loss(x0, d_teacher, d_fake, sigma, weight)
+  if needs_ratio:
+    if logits is None:
+      raise ValueError("this loss needs the density ratio: fake_denoise must return (D, discriminator logits).")
+    per_sample = per_sample_loss(x0, d_teacher, d_fake, sigma, weight, adversarial.log_ratio(logits))
+  else:
+    per_sample = per_sample_loss(x0, d_teacher, d_fake, sigma, weight)
   chex.assert_shape(per_sample, x0.shape[:1])
-  return jnp.mean(per_sample), {"x0": x0, "per_sample": per_sample}
+  aux = {"x0": x0, "per_sample": per_sample, "weight": weight}
+  if logits is not None:
+    aux["logits"] = logits
+  return jnp.mean(per_sample), aux

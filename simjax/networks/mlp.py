@@ -49,6 +49,8 @@ class MLPDenoiser(nn.Module):
 
   Conditioned like the noise level, through the embedding: on class labels (label_dim) or on a text
   condition (text_dim: its tokens mean-pooled over the mask, a small stand-in for cross-attention).
+  With return_logits=True it returns (D, logits [N, 1]): the last hidden state averaged over its features,
+  the MLP's counterpart of SiDA's encoder discriminator (no added parameters).
   """
   data_dim: int
   hidden: int = 256
@@ -60,7 +62,7 @@ class MLPDenoiser(nn.Module):
   sigma_data: float = edm.SIGMA_DATA
 
   @nn.compact
-  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False):
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False, return_logits=False):
     del augment_labels
     x = x.astype(jnp.float32)
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
@@ -79,4 +81,7 @@ class MLPDenoiser(nn.Module):
     for i in range(self.num_blocks):
       h = ResidualMLPBlock(self.hidden, self.dropout, name=f"block{i}")(h, emb, train)
     f = nn.Dense(self.data_dim, name="fc_out")(nn.silu(nn.LayerNorm(name="norm_out")(h)))
-    return pc.c_skip[:, None] * x + pc.c_out[:, None] * f
+    denoised = pc.c_skip[:, None] * x + pc.c_out[:, None] * f
+    if return_logits:
+      return denoised, jnp.mean(h, axis=-1, keepdims=True)
+    return denoised

@@ -2,7 +2,7 @@
 
 Each preconditioner is a denoiser with simjax's interface
 `__call__(x, sigma, cond=None, augment_labels=None, train=False) -> D(x, sigma)` (float32,
-x's shape), D(x) = c_skip x + c_out F(c_in x, c_noise); `cond` is None or one-hot class labels (EDM's
+x's shape; with return_logits=True, (D, the SongUNet's encoder logits), SiDA's discriminator), D(x) = c_skip x + c_out F(c_in x, c_noise); `cond` is None or one-hot class labels (EDM's
 `class_labels`; simjax.conditioning). The raw network is the attribute `model`, so
 parameter paths start with 'model' exactly like EDM's state dicts.
 
@@ -43,13 +43,17 @@ def _prepare_inputs(x, sigma, cond, label_dim):
   return x, sigma, class_labels
 
 
-def _denoise(model, x, c_skip, c_out, c_in, c_noise, class_labels, augment_labels, train):
-  """D = c_skip x + c_out F(c_in x, c_noise), F run in the model's dtype, D in float32."""
+def _denoise(model, x, c_skip, c_out, c_in, c_noise, class_labels, augment_labels, train, return_logits):
+  """D = c_skip x + c_out F(c_in x, c_noise), F run in the model's dtype, D in float32; with return_logits,
+  (D, the network's discriminator logits)."""
   model_dtype = getattr(model, "dtype", jnp.float32)
-  f_x = model((expand_to(c_in, x) * x).astype(model_dtype), c_noise, class_labels=class_labels,
-              augment_labels=augment_labels, train=train)
+  kwargs = {"return_logits": True} if return_logits else {}
+  out = model((expand_to(c_in, x) * x).astype(model_dtype), c_noise, class_labels=class_labels,
+              augment_labels=augment_labels, train=train, **kwargs)
+  f_x, logits = out if return_logits else (out, None)
   chex.assert_equal_shape([f_x, x])  # the raw network maps images to images of the same shape
-  return expand_to(c_skip, x) * x + expand_to(c_out, x) * f_x.astype(jnp.float32)
+  denoised = expand_to(c_skip, x) * x + expand_to(c_out, x) * f_x.astype(jnp.float32)
+  return (denoised, logits) if return_logits else denoised
 
 
 class EDMPrecond(nn.Module):
@@ -63,10 +67,11 @@ class EDMPrecond(nn.Module):
   sigma_min: float = 0.0
   sigma_max: float = math.inf
 
-  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False):
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False, return_logits=False):
     x, sigma, class_labels = _prepare_inputs(x, sigma, cond, self.label_dim)
     c = edm_precondition(sigma, self.sigma_data)
-    return _denoise(self.model, x, c.c_skip, c.c_out, c.c_in, c.c_noise, class_labels, augment_labels, train)
+    return _denoise(self.model, x, c.c_skip, c.c_out, c.c_in, c.c_noise, class_labels, augment_labels, train,
+                    return_logits)
 
 
 class VPPrecond(nn.Module):
@@ -98,12 +103,12 @@ class VPPrecond(nn.Module):
   def sigma_max(self):
     return float(np.sqrt(np.expm1(0.5 * self.beta_d + self.beta_min)))
 
-  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False):
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False, return_logits=False):
     x, sigma, class_labels = _prepare_inputs(x, sigma, cond, self.label_dim)
     c_in = 1 / jnp.sqrt(sigma**2 + 1)
     c_noise = (self.M - 1) * self.sigma_inv(sigma)
     return _denoise(self.model, x, jnp.ones_like(sigma), -sigma, c_in, c_noise, class_labels,
-                    augment_labels, train)
+                    augment_labels, train, return_logits)
 
 
 class VEPrecond(nn.Module):
@@ -116,10 +121,10 @@ class VEPrecond(nn.Module):
   sigma_min: float = 0.02
   sigma_max: float = 100.0
 
-  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False):
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False, return_logits=False):
     x, sigma, class_labels = _prepare_inputs(x, sigma, cond, self.label_dim)
     return _denoise(self.model, x, jnp.ones_like(sigma), sigma, jnp.ones_like(sigma), jnp.log(0.5 * sigma),
-                    class_labels, augment_labels, train)
+                    class_labels, augment_labels, train, return_logits)
 
 
 PRECONDITIONERS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}

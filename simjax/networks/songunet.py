@@ -534,6 +534,8 @@ class SongUNet(nn.Module):
   `__call__(x, noise_labels, class_labels=None, augment_labels=None, train=False)`: x NHWC
   [N, R, R, in_channels], noise_labels [N] (the preconditioner's c_noise); returns F(x) [N, R, R,
   out_channels] in `dtype`. Dropout and label dropout draw from the 'dropout' rng when train=True.
+  With return_logits=True it returns (F(x), logits): the encoder's bottleneck averaged over channels,
+  [N, R', R'] float32, SiDA's discriminator on the network's own encoder (no added parameters).
   """
   img_resolution: int
   in_channels: int
@@ -583,7 +585,8 @@ class SongUNet(nn.Module):
         init_zero_weight=1e-5, init_attn_weight=float(np.sqrt(0.2)), dtype=self.dtype, precision=self.precision)
 
   @nn.compact
-  def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train: bool = False):
+  def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train: bool = False,
+               return_logits: bool = False):
     self._check()
     expected = (self.img_resolution, self.img_resolution, self.in_channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -621,4 +624,7 @@ class SongUNet(nn.Module):
         self.num_blocks, tuple(self.attn_resolutions), self.encoder_type, self.decoder_type)
     block = self.block_config()
     x, skips = _SongUNetEncoder(enc_layers, block, self.remat_blocks, name="enc")(x.astype(self.dtype), emb, train)
-    return _SongUNetDecoder(dec_layers, block, self.remat_blocks, name="dec")(x, skips, emb, train)
+    out = _SongUNetDecoder(dec_layers, block, self.remat_blocks, name="dec")(x, skips, emb, train)
+    if return_logits:
+      return out, jnp.mean(x.astype(jnp.float32), axis=-1)
+    return out

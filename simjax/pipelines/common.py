@@ -93,6 +93,7 @@ def validate_common(config, data_dim: int = 1):
   from simjax.losses import generator as generator_losses  # pylint: disable=import-outside-toplevel
   from simjax.training import regression, sim_steps  # pylint: disable=import-outside-toplevel
   generator_losses.get_generator_loss(config.loss, data_dim)
+  sim_steps.check_discriminator(config, data_dim)
   sim_steps.loss_scales(config)
   regression.settings(config)
   perf_lib.resolve(config)

@@ -80,9 +80,15 @@ def build(config) -> Tuple[distill.Distillation, Problem]:
   distillation = distill.Distillation(
       mesh=mesh, nets=nets, init_fn=functools.partial(_warm_start, mlp, model_mix, config),
       consts={"teacher": mixture.teacher_variables(model_mix), "generator": {}, "fake": {}},
+      real_samples=lambda: {"x": mixture.sample(model_mix, jax.random.key(int(config.seed) + 11), REAL_SAMPLES)[0],
+                            "cond": None},
       optimizers={"generator": state_lib.make_optimizer(config.optim.generator),
                   "fake": state_lib.make_optimizer(config.optim.fake)})
   return distillation, Problem(mix=mix, model_mix=model_mix, standardization=standardization)
+
+
+# The discriminator's real samples: exact draws from the teacher's mixture (its ground truth).
+REAL_SAMPLES = 2**16
 
 
 def _warm_start(mlp, model_mix, config):

@@ -24,6 +24,7 @@ from simjax.parallel import mesh as mesh_lib
 from simjax.pipelines import common, image_eval, image_teacher
 from simjax.teachers import edm_checkpoints, guidance
 from simjax.training import distill
+from simjax.training import sim_steps
 from simjax.training import state as state_lib
 from simjax.training.roles import Denoiser, DistillNetworks, split_variables
 
@@ -40,6 +41,10 @@ def validate(config, mode):
   mesh_lib.check_batch_divisible(int(config.eval.batch_size), mesh, "eval.batch_size")
   if len(shape) != 3 or shape[0] != shape[1]:
     raise UserError(f"data.shape must be (R, R, C), got {shape}.")
+  if sim_steps.discriminator_needed(config, int(np.prod(shape))):
+    if config.data.name not in ("digits", "cifar10") or (config.data.name == "cifar10" and not config.data.data_dir):
+      raise UserError("the discriminator (adversarial.weight > 0 or loss.name='uni_instruct') is shown real data: "
+                      "set --config.data.name=digits, or cifar10 with --config.data.data_dir.")
   if config.data.name == "digits" and not 0.0 < float(config.data.holdout_fraction) < 1.0:
     raise UserError(f"data.holdout_fraction must lie in (0, 1), got {config.data.holdout_fraction}; "
                      "set --config.data.holdout_fraction (e.g. 0.2).")
@@ -77,12 +82,20 @@ def build_distillation(config, workdir, mesh):
                          data_shape=data_lib.data_shape(config), cond_space=CondSpace(label_dim=int(config.label_dim)),
                          sigma_init=float(config.sigma_init))
   return distill.Distillation(
-      mesh=mesh, nets=nets, arch=teacher.arch,
+      mesh=mesh, nets=nets, arch=teacher.arch, real_samples=lambda: real_samples(config),
       consts={"teacher": dict(teacher.params), "generator": extra, "fake": extra},
       # G and D_psi start as copies of the teacher (DESIGN.md section 1).
       init_fn=lambda: {"generator": teacher_params, "fake": teacher_params},
       optimizers={"generator": state_lib.make_optimizer(config.optim.generator),
                   "fake": state_lib.make_optimizer(config.optim.fake)})
+
+
+def real_samples(config):
+  """The training split as the discriminator's real samples, one-hot labelled in class-conditional runs."""
+  train, _ = data_lib.load_splits(config)
+  label_dim = int(config.label_dim)
+  cond = np.eye(label_dim, dtype=np.float32)[train.labels] if label_dim else None
+  return {"x": np.asarray(train.x, np.float32), "cond": cond}
 
 
 def export_generator(workdir, distillation: distill.Distillation, state, config):

@@ -6,6 +6,7 @@ a fitted copy of it where the teacher is analytic.
 """
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -13,6 +14,7 @@ import jax
 import optax
 
 from simjax import sampling
+from simjax.errors import UserError
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import checkpoint as ckpt_lib
 from simjax.training import loop as loop_lib
@@ -28,7 +30,9 @@ class Distillation:
 
   init_fn() -> {'generator', 'fake'} parameters at step 0 (traced abstractly for shapes first);
   consts: frozen inputs of the step, {'teacher': variables, 'generator'/'fake': non-trainable
-  collections}; arch: the generator network's arch dict where it is exported (image runs).
+  collections}; arch: the generator network's arch dict where it is exported (image runs);
+  real_samples() -> {'x': [M, ...] model units, 'cond': [M, label_dim] or None}: the real samples the
+  discriminator is shown (the data; an analytic teacher's exact samples), None where a run has none.
   """
   mesh: jax.sharding.Mesh
   nets: DistillNetworks
@@ -36,6 +40,7 @@ class Distillation:
   consts: Dict[str, Any]
   optimizers: Dict[str, optax.GradientTransformation]
   arch: Optional[Mapping[str, Any]] = None
+  real_samples: Optional[Callable[[], Dict[str, Any]]] = None
 
   @property
   def generator_extra(self):
@@ -90,10 +95,16 @@ def restore_or_init(distillation: Distillation, config, checkpointer):
 
 def iteration_inputs(distillation: Distillation, config, specs):
   """(consts on the mesh, the iteration's specs): the step's frozen inputs, with DMD's regression pairs
-  where loss.regression_weight > 0 (drawn again on resume: the same seed gives the same pairs)."""
+  where loss.regression_weight > 0 (drawn again on resume: the same seed gives the same pairs) and the real
+  samples where the discriminator is trained."""
   consts = dict(distillation.consts)
   if regression.settings(config)[0]:
     consts["regression"] = regression.make_pairs(distillation.nets, consts["teacher"], config, distillation.mesh)
+  if sim_steps.discriminator_needed(config, math.prod(distillation.nets.data_shape)):
+    if distillation.real_samples is None:
+      raise UserError("the discriminator (adversarial.weight > 0 or loss.name='uni_instruct') needs real samples, "
+                      "and this run has none; set --config.adversarial.weight=0 and another loss.name.")
+    consts[sim_steps.REAL] = distillation.real_samples()
   consts_specs = mesh_lib.param_specs(consts, distillation.mesh, int(config.get("fsdp_min_size", 2**14)))
   consts = jax.device_put(consts, mesh_lib.specs_to_shardings(consts_specs, distillation.mesh))
   return consts, {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}

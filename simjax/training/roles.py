@@ -1,5 +1,6 @@
 """How trainers call denoisers: a flax module plus its trainable 'params' and frozen extra collections."""
 import dataclasses
+import inspect
 from typing import Any, Tuple
 
 import flax.linen as nn
@@ -17,13 +18,22 @@ class Denoiser:
   """
   module: nn.Module
 
-  def apply(self, params, extra, x, sigma, cond=None, *, augment_labels=None, train=False, rng=None):
+  def apply(self, params, extra, x, sigma, cond=None, *, augment_labels=None, train=False, rng=None,
+            return_logits=False):
+    """D(x, sigma); with return_logits, (D, the network's discriminator logits [N, ...]) (`has_logits`)."""
     variables = dict(extra or {})
     if params is not None:
       variables["params"] = params
     rngs = {"dropout": rng} if (train and rng is not None) else None
     kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
+    if return_logits:
+      kwargs["return_logits"] = True
     return self.module.apply(variables, x, sigma, cond, train=train, rngs=rngs, **kwargs)
+
+  @property
+  def has_logits(self) -> bool:
+    """Whether the network also gives discriminator logits (SiDA's encoder head): SongUNets and the MLP."""
+    return "return_logits" in inspect.signature(type(self.module).__call__).parameters
 
   @property
   def augment_dim(self) -> int:

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from simjax.data import augment as augment_lib
 from simjax.diffusion import edm
 from simjax.errors import UserError
+from simjax.losses import adversarial
 from simjax.losses import dsm
 from simjax.losses import generator as generator_losses
 from simjax.parallel import mesh as mesh_lib
@@ -50,6 +51,37 @@ def constrain_batch(tree, mesh):
   return jax.lax.with_sharding_constraint(tree, mesh_lib.batch_shardings(mesh, tree))
 
 
+# consts key of the real samples the discriminator sees ({'x': [M, ...], 'cond': [M, label_dim] or None}); drawn
+# from in the iteration, outside shard_map, so it never enters the per-device step.
+REAL = "real"
+
+
+def discriminator_needed(config, data_dim: int) -> bool:
+  """Whether the fake score is also trained as SiDA's discriminator (losses/adversarial.py): for the adversarial
+  term (adversarial.weight > 0) or for a loss that needs the density ratio (loss.name='uni_instruct')."""
+  return (adversarial.settings(config)[0] > 0
+          or generator_losses.get_generator_loss(config.loss, data_dim).needs_ratio)
+
+
+def check_discriminator(config, data_dim: int, nets: DistillNetworks = None) -> bool:
+  """`discriminator_needed`, with the settings it cannot run under refused (one line naming the fix)."""
+  if not discriminator_needed(config, data_dim):
+    return False
+  if perf_lib.resolve(config).fuse_teacher_fake:
+    raise UserError("the discriminator (adversarial.weight > 0 or loss.name='uni_instruct') reads the fake score's "
+                    "logits, which the fused call does not return; set --config.perf.fuse_teacher_fake=False.")
+  if nets is not None and not nets.fake.has_logits:
+    raise UserError(f"the discriminator needs a fake score with an encoder head (SongUNet or the MLP), got "
+                    f"{type(nets.fake.module).__name__}; set --config.adversarial.weight=0 and another loss.name.")
+  return True
+
+
+def draw_real(key, pool, batch, mesh):
+  """`batch` rows of the real pool, uniformly with replacement (global batch, sharded)."""
+  idx = jax.random.randint(key, (batch,), 0, pool["x"].shape[0])
+  return constrain_batch(jax.tree.map(lambda a: jnp.take(a, idx, axis=0), pool), mesh)
+
+
 def draw_generator_noise(key, batch, nets: DistillNetworks, mesh, cond_pool=None):
   """Latents z and conditions for one batch of generator samples (global batch, sharded); text
   conditions are rows of `cond_pool`."""
@@ -61,9 +93,10 @@ def draw_generator_noise(key, batch, nets: DistillNetworks, mesh, cond_pool=None
 class StepGrads(NamedTuple):
   """The two sharded loss-and-gradient functions of a SIM iteration.
 
-  Each is f(gen_params, fake_params, consts, z, cond, sigma, eps, rng) -> (mean loss, mean grads):
-  `fake` the DSM loss of the fake score on stop-gradient generator samples (grads w.r.t. fake
-  params), `generator` the SIM surrogate (grads w.r.t. generator params).
+  Each is f(gen_params, fake_params, consts, z, cond, sigma, eps, rng[, real]) -> (mean loss, mean grads,
+  metrics): `fake` the DSM loss of the fake score on stop-gradient generator samples (grads w.r.t. fake
+  params; with the discriminator, its loss on `real` rows too, in metrics as disc_loss), `generator` the
+  generator loss (grads w.r.t. generator params; the adversarial term in metrics as adv_loss).
   """
   fake: Callable
   generator: Callable
@@ -78,7 +111,11 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   gen_nets = perf_lib.configure_networks(nets, opts)
   if opts.fuse_teacher_fake:
     perf_lib.check_fusable(gen_nets)
-  per_sample_loss = generator_losses.get_generator_loss(config.loss, math.prod(nets.data_shape)).per_sample
+  data_dim = math.prod(nets.data_shape)
+  loss_def = generator_losses.get_generator_loss(config.loss, data_dim)
+  adversarial_weight, discriminator_weight = adversarial.settings(config)
+  discriminate = check_discriminator(config, data_dim, nets)
+  consts_specs = {k: v for k, v in specs["consts"].items() if k != REAL}
   # SiD's loss scaling (--lsg 100, --ls 1): gradients reach Adam multiplied by these; losses and gradient
   # norms are reported unscaled.
   gen_scale, fake_scale = loss_scales(config)
@@ -88,30 +125,50 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   augment_p = fake_augment_probability(config, nets)
   regression_weight, _ = regression.settings(config)
 
-  def fake_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng):
-    consts = mesh_lib.gather_params(consts, specs["consts"])
+  sigma_data = float(config.sigma_data)
+
+  def fake_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real):
+    consts = mesh_lib.gather_params(consts, consts_specs)
     gen_full = mesh_lib.gather_params(gen_params, specs["generator"])
     rng = jax.random.fold_in(rng, device_index(mesh))
     # The generator is in eval mode here (no dropout), as in SiD's fake-score update.
     x_g = jax.lax.stop_gradient(fake_nets.generate(gen_full, consts["generator"], z, cond))
 
-    augment_labels = None
+    augment_labels = real_augment_labels = None
     if augment_p > 0:
       # EDM's augmentation pipe on the fake score's DSM, as SiD trains it (--augment 0.12): the network is
       # conditioned on the augmentation labels, the DSM target is the augmented sample.
       x_g, augment_labels = augment_lib.augment(jax.random.fold_in(rng, 2), x_g, augment_p)
+      if discriminate:  # SiDA augments the real batch too, with its own draw
+        real = dict(real)
+        real["x"], real_augment_labels = augment_lib.augment(jax.random.fold_in(rng, 3), real["x"], augment_p)
+    s = edm.expand_to(sigma, x_g)
 
     def loss_fn(fp_local):
       fp = mesh_lib.gather_params(fp_local, specs["fake"])
-      denoise = lambda p, x, s: fake_nets.fake.apply(p, consts["fake"], x, s, cond, augment_labels=augment_labels,
-                                                     train=True, rng=jax.random.fold_in(rng, 1))
-      return fake_scale * dsm.dsm_loss(fp, denoise, x_g, sigma, eps, float(config.sigma_data))
+      def fake(x, c, labels, k):
+        return fake_nets.fake.apply(fp, consts["fake"], x, sigma, c, augment_labels=labels, train=True,
+                                    rng=jax.random.fold_in(rng, k), return_logits=discriminate)
+      out = fake(x_g + s * eps, cond, augment_labels, 1)
+      denoised, logits_fake = out if discriminate else (out, None)
+      dsm_loss = jnp.mean(dsm.edm_dsm_loss(denoised, x_g, sigma, sigma_data))
+      metrics, total = {}, dsm_loss
+      if discriminate:
+        # SiDA: the real rows get the same noise levels and noise as the generated ones.
+        _, logits_real = fake(real["x"] + s * eps, real.get("cond"), real_augment_labels, 4)
+        metrics["disc_loss"] = adversarial.discriminator_loss(logits_real, logits_fake, sigma, sigma_data)
+        total = total + discriminator_weight * metrics["disc_loss"]
+      return fake_scale * total, (dsm_loss, metrics)
 
-    loss, grads = jax.value_and_grad(loss_fn)(fake_params)
-    return jax.lax.pmean(loss, mesh_lib.BATCH_AXES) / fake_scale, average_grads(grads, specs["fake"], mesh)
+    (_, (loss, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(fake_params)
+    return (jax.lax.pmean(loss, mesh_lib.BATCH_AXES), average_grads(grads, specs["fake"], mesh),
+            jax.lax.pmean(metrics, mesh_lib.BATCH_AXES))
 
-  def gen_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng):
-    consts = mesh_lib.gather_params(consts, specs["consts"])
+  want_logits = adversarial_weight > 0 or loss_def.needs_ratio
+
+  def gen_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real):
+    del real
+    consts = mesh_lib.gather_params(consts, consts_specs)
     fake_full = mesh_lib.gather_params(fake_params, specs["fake"])
     rng = jax.random.fold_in(rng, device_index(mesh))
     generate = perf_lib.maybe_remat(
@@ -125,33 +182,43 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
         # The teacher, classifier-free guided where config.teacher.guidance != 1 (teachers/guidance.py).
         lambda p, x, s: teacher_guided(p, x, s, cond),
         # Fake score frozen (no dropout) inside the generator step; stop-gradient on its params (in the loss).
-        lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, cond),
+        lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, cond, return_logits=want_logits),
         pair, opts)
 
     def loss_fn(gp_local):
       gp = mesh_lib.gather_params(gp_local, specs["generator"])
       loss, aux = generator_losses.generator_loss(
           gp, fake_full, consts["teacher"], generate=generate, teacher_denoise=teacher_denoise,
-          fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma, per_sample_loss=per_sample_loss,
-          normalize=bool(config.loss.normalize), normalize_floor=float(config.loss.normalize_floor))
+          fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma, per_sample_loss=loss_def.per_sample,
+          normalize=bool(config.loss.normalize), normalize_floor=float(config.loss.normalize_floor),
+          needs_ratio=loss_def.needs_ratio)
+      metrics = {}
+      if adversarial_weight:
+        # SiDA's generator term on the same x_t, through the fake score's (frozen) encoder logits.
+        metrics["adv_loss"] = adversarial.generator_loss(aux["logits"], aux["weight"], data_dim)
+        loss = loss + adversarial_weight * metrics["adv_loss"]
       if regression_weight:
         # DMD's regression term on this device's share of the pairs (its own draw, folded with the device).
         reg = regression.loss(
             lambda z_, c_: gen_nets.generate(gp, consts["generator"], z_, c_, train=True, rng=jax.random.fold_in(rng, 5)),
             consts["regression"], jax.random.fold_in(rng, 6), z.shape[0])
         loss = loss + regression_weight * reg
-      return gen_scale * loss, aux
+      return gen_scale * loss, metrics
 
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen_params)
-    return jax.lax.pmean(loss, mesh_lib.BATCH_AXES) / gen_scale, average_grads(grads, specs["generator"], mesh)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(gen_params)
+    return (jax.lax.pmean(loss, mesh_lib.BATCH_AXES) / gen_scale, average_grads(grads, specs["generator"], mesh),
+            jax.lax.pmean(metrics, mesh_lib.BATCH_AXES))
 
   def sharded(fn, out_params_spec):
-    def call(gen_params, fake_params, consts, z, cond, sigma, eps, rng):
-      in_specs = (specs["generator"], specs["fake"], specs["consts"], mesh_lib.batch_specs(z), mesh_lib.batch_specs(cond),
-                  mesh_lib.batch_spec(1), mesh_lib.batch_spec(z.ndim), P())
-      mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(), out_params_spec), check_vma=False)
+    def call(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real=None):
+      if discriminate and real is None and fn is fake_local:
+        raise ValueError("the discriminator's fake-score step needs a batch of real samples (real=...).")
+      consts = {k: v for k, v in consts.items() if k != REAL}
+      in_specs = (specs["generator"], specs["fake"], consts_specs, mesh_lib.batch_specs(z), mesh_lib.batch_specs(cond),
+                  mesh_lib.batch_spec(1), mesh_lib.batch_spec(z.ndim), P(), mesh_lib.batch_specs(real))
+      mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(), out_params_spec, P()), check_vma=False)
       return mapped(gen_params, fake_params, consts, z, cond, constrain_batch(sigma, mesh),
-                    constrain_batch(eps, mesh), rng)
+                    constrain_batch(eps, mesh), rng, real)
     return call
 
   return StepGrads(fake=sharded(fake_local, specs["fake"]), generator=sharded(gen_local, specs["generator"]))
@@ -183,7 +250,8 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
   """Builds iteration(state, consts). specs: PartitionSpecs of 'generator', 'fake' params and 'consts'.
 
   consts = {'teacher': teacher variables, 'generator': generator extras, 'fake': fake-score extras} and,
-  for text-conditioned runs, 'cond_pool': the encoded prompts the generator's conditions are drawn from.
+  for text-conditioned runs, 'cond_pool': the encoded prompts the generator's conditions are drawn from;
+  with the discriminator, REAL: the real samples (and labels) it is shown.
   """
   batch = int(config.batch_size)
   mesh_lib.check_batch_divisible(batch, mesh)
@@ -192,25 +260,37 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
   step_grads = make_step_grads(nets, config, mesh, specs)
   gen_scale, fake_scale = loss_scales(config)
   t_min, t_max = generator_losses.get_generator_loss(config.loss, math.prod(nets.data_shape)).t_range
+  discriminate = discriminator_needed(config, math.prod(nets.data_shape))
+  adversarial_on = adversarial.settings(config)[0] > 0
 
   def iteration(state: state_lib.TrainState, consts):
     key = jax.random.fold_in(base_key, state.step)
     params, opt_state = dict(state.params), dict(state.opt_state)
     metrics = {}
-    fake_losses, fake_norms = [], []
+    fake_losses, fake_norms, disc_losses = [], [], []
     for j in range(fake_steps):
       k = jax.random.fold_in(key, j)
       k_noise, k_sigma, k_rng = jax.random.split(k, 3)
       z, cond = draw_generator_noise(k_noise, batch, nets, mesh, consts.get("cond_pool"))
+      real = None
+      if discriminate:
+        real = draw_real(jax.random.fold_in(k, 7), consts[REAL], batch, mesh)
+        if real.get("cond") is not None:
+          cond = real["cond"]  # SiDA generates the fake step's batch with the real batch's labels
       sigma, eps = dsm.draw_dsm_noise(k_sigma, z.shape, float(config.fake_p_mean), float(config.fake_p_std))
-      loss, grads = step_grads.fake(params["generator"], params["fake"], consts, z, cond, sigma, eps, k_rng)
+      loss, grads, fake_metrics = step_grads.fake(params["generator"], params["fake"], consts, z, cond, sigma, eps,
+                                                  k_rng, real)
       loss = inject_nonfinite(loss, state.step, config)
       params["fake"], opt_state["fake"] = state_lib.apply_optimizer(optimizers["fake"], params["fake"],
                                                                     opt_state["fake"], grads)
       fake_losses.append(loss)
       fake_norms.append(state_lib.global_norm(grads) / fake_scale)
+      if discriminate:
+        disc_losses.append(fake_metrics["disc_loss"])
     metrics["fake_loss"] = jnp.mean(jnp.stack(fake_losses))
     metrics["fake_grad_norm"] = jnp.mean(jnp.stack(fake_norms))
+    if discriminate:
+      metrics["disc_loss"] = jnp.mean(jnp.stack(disc_losses))
     ema = dict(state.ema)
     if with_generator:
       k = jax.random.fold_in(key, fake_steps)
@@ -219,7 +299,9 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       sigma = edm.sample_sigma_karras_uniform(k_sigma, (batch,), t_max, float(config.sigma_min),
                                              float(config.sigma_max), float(config.rho), t_min=t_min)
       eps = jax.random.normal(k_eps, z.shape, jnp.float32)
-      loss, grads = step_grads.generator(params["generator"], params["fake"], consts, z, cond, sigma, eps, k_rng)
+      loss, grads, gen_metrics = step_grads.generator(params["generator"], params["fake"], consts, z, cond, sigma,
+                                                      eps, k_rng)
+      metrics.update(gen_metrics)
       params["generator"], opt_state["generator"] = state_lib.apply_optimizer(
           optimizers["generator"], params["generator"], opt_state["generator"], grads)
       decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
@@ -228,6 +310,8 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
     else:
       zero = jnp.zeros((), jnp.float32)
       metrics.update(gen_loss=zero, gen_grad_norm=zero, ema_decay=zero)
+      if adversarial_on:
+        metrics["adv_loss"] = zero
     candidate = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     ok = state_lib.all_finite([metrics[k] for k in ("fake_loss", "fake_grad_norm", "gen_loss", "gen_grad_norm")])
     new = state_lib.guarded(state, candidate, ok)
