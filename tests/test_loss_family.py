@@ -320,7 +320,10 @@ def uni_instruct_gradient(f_name, sigma, z, eps, *, logit_sign=1.0):
 
 @pytest.mark.parametrize("f_name", sorted(generator_losses.F_DIVERGENCES))
 def test_uni_instruct_with_an_exact_discriminator_matches_finite_differences(f_name):
-  """The registered loss, its ratio read from the fake score's logits (losses/adversarial.log_ratio)."""
+  """The registered loss, its ratio read from the fake score's logits (losses/adversarial.log_ratio); reverse KL,
+  whose weights are constant, asks for no ratio (so no discriminator is trained for it)."""
+  entry = generator_losses.get_generator_loss(loss_config(name="uni_instruct", f=f_name), 2)
+  assert entry.needs_ratio == (f_name != "reverse_kl")
   with jax.enable_x64(True):
     z, eps = draws()
     g = uni_instruct_gradient(f_name, 0.7, z, eps)

@@ -86,15 +86,17 @@ def sid_per_sample(alpha: float) -> PerSampleLoss:
 
 class FDivergence(NamedTuple):
   """D_f(q || p) = E_p f(q / p) through the two weights its expanded gradient needs, as functions of log r,
-  r = q_sigma / p_sigma: score(r) = r f''(r) and density(r) = d(r score(r)) / dr."""
+  r = q_sigma / p_sigma: score(r) = r f''(r) and density(r) = d(r score(r)) / dr. uses_ratio is False where
+  both are constant (reverse KL): training then needs no discriminator."""
   score: Callable[[jax.Array], jax.Array]
   density: Callable[[jax.Array], jax.Array]
+  uses_ratio: bool = True
 
 
 # Distillation's naming: q is the generator, p the teacher. reverse_kl is the mode-seeking KL(q || p) that
 # Diff-Instruct and DMD minimise, forward_kl the mode-covering KL(p || q).
 F_DIVERGENCES = {
-    "reverse_kl": FDivergence(score=jnp.ones_like, density=jnp.ones_like),                    # f = r log r
+    "reverse_kl": FDivergence(score=jnp.ones_like, density=jnp.ones_like, uses_ratio=False),  # f = r log r
     "forward_kl": FDivergence(score=lambda log_r: jnp.exp(-log_r), density=jnp.zeros_like),   # f = -log r
     "jensen_shannon": FDivergence(score=lambda log_r: 0.5 * jax.nn.sigmoid(-log_r),           # 1 / (2 (1 + r))
                                   density=lambda log_r: 0.5 * jax.nn.sigmoid(-log_r) ** 2),
@@ -166,12 +168,19 @@ def _dmd(loss_config, data_dim: int) -> GeneratorLoss:
 
 @register("uni_instruct")
 def _uni_instruct(loss_config, data_dim: int) -> GeneratorLoss:
-  """Uni-Instruct's expanded f-divergence `loss.f`, its density ratio from the fake score's discriminator."""
+  """Uni-Instruct's expanded f-divergence `loss.f`, its density ratio from the fake score's discriminator (none
+  for reverse KL, whose weights are constant: it is 2 x sid at alpha 1/2, and a discriminator sharing the fake
+  score's parameters would only perturb its DSM)."""
   del data_dim
   name = loss_config.get("f", "reverse_kl")
   if name not in F_DIVERGENCES:
     raise UserError(f"unknown f-divergence loss.f={name!r}; set --config.loss.f to one of {sorted(F_DIVERGENCES)}.")
-  return GeneratorLoss(f_divergence_per_sample(F_DIVERGENCES[name]), _t_range(loss_config), needs_ratio=True)
+  f = F_DIVERGENCES[name]
+  if not f.uses_ratio:
+    per_sample = f_divergence_per_sample(f)
+    return GeneratorLoss(lambda x0, a, b, sigma, weight: per_sample(x0, a, b, sigma, weight, jnp.zeros_like(weight)),
+                         _t_range(loss_config))
+  return GeneratorLoss(f_divergence_per_sample(f), _t_range(loss_config), needs_ratio=True)
 
 
 def get_generator_loss(loss_config, data_dim: int) -> GeneratorLoss:
