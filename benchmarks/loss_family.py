@@ -2,6 +2,7 @@
 
   python benchmarks/loss_family.py --out=/tmp/loss_family                              # gmm2d, aniso16, digits
   python benchmarks/loss_family.py --out=/tmp/lf --problems=gmm2d --steps=3000 --points=3 --lrs=1e-4,3e-4
+  python benchmarks/loss_family.py --out=/tmp/lf --problems=gmm2d,aniso16,digits --time_only  # ms/iteration only
 
 A variant is a loss with its settings, written `name[+key=value...]` (config keys under --config.): the
 default list is every registered loss, Uni-Instruct with each f-divergence and SiDA (sid at alpha 1 with the
@@ -230,6 +231,7 @@ def main(argv=None):
   parser.add_argument("--digits_steps", type=int, default=0, help="steps on the digits (0: --steps)")
   parser.add_argument("--points", type=int, default=4, help="evaluations along the run")
   parser.add_argument("--extra", default="", help="more main flags for every run, space-separated")
+  parser.add_argument("--time_only", action="store_true", help="only the ms/iteration timing, to <out>/timing.json")
   args = parser.parse_args(argv)
   from simjax.losses import generator as generator_losses  # pylint: disable=import-outside-toplevel
   # uni_instruct is listed with each of its f-divergences
@@ -238,6 +240,12 @@ def main(argv=None):
   problems = args.problems.split(",")
   out = Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
+  if args.time_only:  # one process, nothing else running: the cleanest ratios
+    timing = {problem: time_iterations(problem, variants, teacher_flags(problem, out) + args.extra.split())
+              for problem in problems}
+    (out / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    print(json.dumps(timing, indent=1))
+    return
   rows, lines, chosen = [], [], {}
   for problem in problems:
     lrs = [parse_lr(v) for v in (args.digits_lrs if problem == "digits" else args.lrs).split(",")]
