@@ -68,8 +68,9 @@ def check_discriminator(config, data_dim: int, nets: DistillNetworks = None) -> 
   if not discriminator_needed(config, data_dim):
     return False
   if perf_lib.resolve(config).fuse_teacher_fake:
-    raise UserError("the discriminator (adversarial.weight > 0 or loss.name='uni_instruct') reads the fake score's "
-                    "logits, which the fused call does not return; set --config.perf.fuse_teacher_fake=False.")
+    raise UserError("the discriminator (adversarial.weight > 0, or loss.name='uni_instruct' with loss.f other than "
+                    "reverse_kl) reads the fake score's logits, which the fused call does not return; "
+                    "set --config.perf.fuse_teacher_fake=False.")
   if nets is not None and not nets.fake.has_logits:
     raise UserError(f"the discriminator needs a fake score with an encoder head (SongUNet or the MLP), got "
                     f"{type(nets.fake.module).__name__}; set --config.adversarial.weight=0 and another loss.name.")
