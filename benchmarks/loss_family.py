@@ -64,7 +64,12 @@ def set_config(config, settings):
     for part in path:
       node = node[part]
     old = node[leaf]
-    node[leaf] = value if isinstance(old, str) else type(old)(float(value) if isinstance(old, float) else value)
+    if isinstance(old, bool):
+      node[leaf] = {"true": True, "false": False}[value.lower()]
+    elif isinstance(old, (int, float)):
+      node[leaf] = type(old)(float(value) if isinstance(old, float) else value)
+    else:
+      node[leaf] = value
   return config
 
 

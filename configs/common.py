@@ -53,7 +53,7 @@ def shared_config(pipeline: str):
   c.loss.f = "reverse_kl"
 
   # SiDA's adversarial term (losses/adversarial.py): the fake score's encoder is also a discriminator of real
-  # vs generated samples (trained whenever this is on or loss.name='uni_instruct'), and the generator's loss
+  # vs generated samples (trained when this is on, or for uni_instruct's ratio-weighted f), and the generator's loss
   # gains weight * its cross-entropy. 0 = off; SiDA's CIFAR-10 setting in these units is 1e-4 (--lsg_gan 0.01
   # over --lsg 100). discriminator_weight scales its loss in the fake step (SiDA's --lsd 1).
   c.adversarial = ml_collections.ConfigDict()

@@ -2,7 +2,8 @@
 
 Each preconditioner is a denoiser with simjax's interface
 `__call__(x, sigma, cond=None, augment_labels=None, train=False) -> D(x, sigma)` (float32,
-x's shape; with return_logits=True, (D, the SongUNet's encoder logits), SiDA's discriminator), D(x) = c_skip x + c_out F(c_in x, c_noise); `cond` is None or one-hot class labels (EDM's
+x's shape; with return_logits=True, (D, the SongUNet's encoder logits), SiDA's discriminator),
+D(x) = c_skip x + c_out F(c_in x, c_noise); `cond` is None or one-hot class labels (EDM's
 `class_labels`; simjax.conditioning). The raw network is the attribute `model`, so
 parameter paths start with 'model' exactly like EDM's state dicts.
 

@@ -43,9 +43,8 @@ def validate(config, mode):
     raise UserError(f"data.shape must be (R, R, C), got {shape}.")
   if sim_steps.discriminator_needed(config, int(np.prod(shape))):
     if config.data.name not in ("digits", "cifar10") or (config.data.name == "cifar10" and not config.data.data_dir):
-      raise UserError("the discriminator (adversarial.weight > 0, or loss.name='uni_instruct' with loss.f other than "
-                      "reverse_kl) is shown real data: "
-                      "set --config.data.name=digits, or cifar10 with --config.data.data_dir.")
+      raise UserError(f"the discriminator ({sim_steps.DISCRIMINATOR_USE}) is shown real data: set "
+                      "--config.data.name=digits, or cifar10 with --config.data.data_dir.")
   if config.data.name == "digits" and not 0.0 < float(config.data.holdout_fraction) < 1.0:
     raise UserError(f"data.holdout_fraction must lie in (0, 1), got {config.data.holdout_fraction}; "
                      "set --config.data.holdout_fraction (e.g. 0.2).")

@@ -102,9 +102,8 @@ def iteration_inputs(distillation: Distillation, config, specs):
     consts["regression"] = regression.make_pairs(distillation.nets, consts["teacher"], config, distillation.mesh)
   if sim_steps.discriminator_needed(config, math.prod(distillation.nets.data_shape)):
     if distillation.real_samples is None:
-      raise UserError("the discriminator (adversarial.weight > 0, or loss.name='uni_instruct' with loss.f other than "
-                      "reverse_kl) needs real samples, and this run has none; "
-                      "set --config.adversarial.weight=0 and another loss.name.")
+      raise UserError(f"the discriminator ({sim_steps.DISCRIMINATOR_USE}) needs real samples, and this run has "
+                      "none; set --config.adversarial.weight=0 and another loss.name.")
     consts[sim_steps.REAL] = distillation.real_samples()
   consts_specs = mesh_lib.param_specs(consts, distillation.mesh, int(config.get("fsdp_min_size", 2**14)))
   consts = jax.device_put(consts, mesh_lib.specs_to_shardings(consts_specs, distillation.mesh))

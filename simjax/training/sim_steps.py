@@ -54,6 +54,8 @@ def constrain_batch(tree, mesh):
 # consts key of the real samples the discriminator sees ({'x': [M, ...], 'cond': [M, label_dim] or None}); drawn
 # from in the iteration, outside shard_map, so it never enters the per-device step.
 REAL = "real"
+# When the discriminator is trained, for the refusals that name it.
+DISCRIMINATOR_USE = "adversarial.weight > 0, or loss.name='uni_instruct' with loss.f other than reverse_kl"
 
 
 def discriminator_needed(config, data_dim: int) -> bool:
@@ -68,9 +70,8 @@ def check_discriminator(config, data_dim: int, nets: DistillNetworks = None) -> 
   if not discriminator_needed(config, data_dim):
     return False
   if perf_lib.resolve(config).fuse_teacher_fake:
-    raise UserError("the discriminator (adversarial.weight > 0, or loss.name='uni_instruct' with loss.f other than "
-                    "reverse_kl) reads the fake score's logits, which the fused call does not return; "
-                    "set --config.perf.fuse_teacher_fake=False.")
+    raise UserError(f"the discriminator ({DISCRIMINATOR_USE}) reads the fake score's logits, which the fused call "
+                    "does not return; set --config.perf.fuse_teacher_fake=False.")
   if nets is not None and not nets.fake.has_logits:
     raise UserError(f"the discriminator needs a fake score with an encoder head (SongUNet or the MLP), got "
                     f"{type(nets.fake.module).__name__}; set --config.adversarial.weight=0 and another loss.name.")
@@ -165,8 +166,6 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
     return (jax.lax.pmean(loss, mesh_lib.BATCH_AXES), average_grads(grads, specs["fake"], mesh),
             jax.lax.pmean(metrics, mesh_lib.BATCH_AXES))
 
-  want_logits = adversarial_weight > 0 or loss_def.needs_ratio
-
   def gen_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real):
     del real
     consts = mesh_lib.gather_params(consts, consts_specs)
@@ -183,14 +182,15 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
         # The teacher, classifier-free guided where config.teacher.guidance != 1 (teachers/guidance.py).
         lambda p, x, s: teacher_guided(p, x, s, cond),
         # Fake score frozen (no dropout) inside the generator step; stop-gradient on its params (in the loss).
-        lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, cond, return_logits=want_logits),
+        lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, cond, return_logits=discriminate),
         pair, opts)
 
     def loss_fn(gp_local):
       gp = mesh_lib.gather_params(gp_local, specs["generator"])
       loss, aux = generator_losses.generator_loss(
           gp, fake_full, consts["teacher"], generate=generate, teacher_denoise=teacher_denoise,
-          fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma, per_sample_loss=loss_def.per_sample,
+          fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma,
+          per_sample_loss=loss_def.per_sample,
           normalize=bool(config.loss.normalize), normalize_floor=float(config.loss.normalize_floor),
           needs_ratio=loss_def.needs_ratio)
       metrics = {}
