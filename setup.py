@@ -33,10 +33,15 @@ setup(
         # The embedded default trains on the 8x8 digits that ship inside scikit-learn.
         "scikit-learn>=1.5,<2",
         "scipy>=1.11",  # sqrtm for Frechet distances
+        "safetensors>=0.4",  # diffusers / transformers weight files, read without torch
     ],
     extras_require={
-        # The test extra carries torch so the parity tests against PyTorch-written files run, not skip.
-        "test": ["pytest>=8.0", "torch>=2.13,<2.15", "gcsfs>=2024.2", "tensorflow-datasets>=4.9.10,<4.10"],
+        # The test extra carries the parity extra so the tests against PyTorch references run, not skip.
+        "test": ["pytest>=8.0", "torch>=2.13,<2.15", "diffusers>=0.42,<0.43", "transformers>=5.0,<6",
+                 "gcsfs>=2024.2", "tensorflow-datasets>=4.9.10,<4.10"],
+        # Reference PyTorch implementations (random weights only) for the parity tests: EDM's files are
+        # written with torch; PixArt, DiT, T5 and the VAE are diffusers' / transformers' modules.
+        "parity": ["torch>=2.13,<2.15", "diffusers>=0.42,<0.43", "transformers>=5.0,<6"],
         # CIFAR-10 configs: the dataset through `tfds.data_source` (array_record; no TensorFlow).
         "cifar10": ["tensorflow-datasets>=4.9.10,<4.10"],
         # gs:// workdirs: etils' object-store backend (checkpoints go through orbax/tensorstore directly).

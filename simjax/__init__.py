@@ -7,11 +7,12 @@ __version__ = "0.1.0"
 
 
 def load_teacher(path, **kwargs):
-  """Loads a teacher denoiser from an EDM pickle, a state dict or a converted checkpoint.
+  """Loads a teacher denoiser: EDM (pickle, state dict, converted checkpoint) or PixArt-alpha / DiT
+  (diffusers pipeline or transformer folder, original .pth/.pt).
 
-  See `simjax.teachers.edm_checkpoints.load_teacher`.
+  See `simjax.teachers.loading.load_teacher`.
   """
-  from simjax.teachers.edm_checkpoints import load_teacher as _load_teacher  # pylint: disable=import-outside-toplevel
+  from simjax.teachers.loading import load_teacher as _load_teacher  # pylint: disable=import-outside-toplevel
   return _load_teacher(path, **kwargs)
 
 

@@ -49,16 +49,23 @@ def _make_step(denoise, sigmas, num_steps, s_churn, s_min, s_max, s_noise, key):
 
 
 def edm_sample(denoise, latents, *, num_steps=18, sigma_min=edm.SIGMA_MIN, sigma_max=edm.SIGMA_MAX,
-               rho=edm.RHO, solver="heun", s_churn=0.0, s_min=0.0, s_max=float("inf"), s_noise=1.0, key=None):
+               rho=edm.RHO, solver="heun", s_churn=0.0, s_min=0.0, s_max=float("inf"), s_noise=1.0, key=None,
+               sigmas=None):
   """Runs EDM's sampler from latents ~ N(0, I) (scaled here by sigma_max) down to sigma = 0.
 
   solver: 'heun' (2nd order, deterministic when s_churn = 0) or 'euler'.
   s_churn > 0 adds EDM's stochastic churn (Algorithm 2) and needs `key`.
+  sigmas: an explicit decreasing schedule ending at 0 (e.g. a discrete teacher's trained levels; Euler
+    on it is DDIM with eta 0) in place of Karras' num_steps/sigma_min/sigma_max/rho.
   The steps run in a `lax.fori_loop`: use inside jit. For convolutional networks on CPU prefer
   `make_stepwise_sampler` (XLA:CPU runs convolutions inside while-loops far slower).
   """
   _check(solver, s_churn, key)
-  sigmas = edm.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+  if sigmas is None:
+    sigmas = edm.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+  else:
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    num_steps = sigmas.shape[0] - 1
   step = _make_step(denoise, sigmas, num_steps, s_churn, s_min, s_max, s_noise, key)
   x = latents.astype(jnp.float32) * sigmas[0]
   x = jax.lax.fori_loop(0, num_steps - 1, functools.partial(step, with_correction=solver == "heun"), x)

@@ -209,16 +209,18 @@ def _arch_for_state_file(path: Path, arch) -> Dict[str, Any]:
   raise ValueError(f"{path} is a bare state dict: pass arch={{...}} (EDM precond kwargs) or put {ARCH_FILE} beside it.")
 
 
-def read_edm_checkpoint(path, *, arch: Union[None, Mapping[str, Any], str, os.PathLike] = None
+def read_edm_checkpoint(path, *, arch: Union[None, Mapping[str, Any], str, os.PathLike] = None, state=None
                         ) -> Tuple[Dict[str, Any], dict]:
-  """(arch, variables) from an EDM pickle, a state-dict file or a converted directory."""
+  """(arch, variables) from an EDM pickle, a state-dict file or a converted directory (`state`: the
+  state-dict file's tensors when the caller has read them already)."""
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"no such file or directory: {path}")
   if path.is_dir():
     return load_converted(path)
   if path.suffix in _STATE_SUFFIXES:
-    return convert_state_dict(_arch_for_state_file(path, arch), torch_files.load_state_dict(path))
+    return convert_state_dict(_arch_for_state_file(path, arch),
+                              torch_files.load_state_dict(path) if state is None else state)
   if path.suffix in _PICKLE_SUFFIXES or arch is None:
     pickle_arch, state = torch_files.load_edm_pickle(path)
     return convert_state_dict(dict(arch) if isinstance(arch, Mapping) else pickle_arch, state)
@@ -231,6 +233,9 @@ class Teacher:
   module: Any
   params: Any
   arch: Dict[str, Any]
+  # The null condition as the checkpoint provides it (one row, no batch axis; e.g. PixArt's learned
+  # empty caption); None: zeros (simjax.conditioning.null_like).
+  null_cond: Any = None
   _denoise_fn: Callable = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
@@ -255,13 +260,14 @@ class Teacher:
 
   def denoise(self, x, sigma, cond=None, augment_labels=None, *, class_labels=None):
     """D(x, sigma) for NHWC float32 x [N, R, R, C], sigma scalar or [N], cond one-hot class labels
-    [N, label_dim] (or None; `class_labels=`, EDM's name, is the same argument)."""
+    [N, label_dim], a text condition {'emb', 'mask'} or None (`class_labels=`, EDM's name, is the
+    same argument)."""
     if class_labels is not None:
       if cond is not None:
         raise ValueError("pass the class labels once, as cond or as class_labels.")
       cond = class_labels
     return self._denoise_fn(self.params, jnp.asarray(x, jnp.float32), jnp.asarray(sigma, jnp.float32),
-                            None if cond is None else jnp.asarray(cond, jnp.float32),
+                            jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), cond),
                             None if augment_labels is None else jnp.asarray(augment_labels, jnp.float32))
 
 
@@ -273,9 +279,14 @@ def load_teacher(path, *, arch=None, dtype=jnp.float32, precision=None) -> Teach
     recent NVIDIA GPUs, ~5e-4 from EDM's float32 output), jax.lax.Precision.HIGHEST for exact float32.
   """
   arch, variables = read_edm_checkpoint(path, arch=arch)
+  return teacher_from_variables(arch, variables, dtype=dtype, precision=precision)
+
+
+def teacher_from_variables(arch, variables, *, dtype=jnp.float32, precision=None) -> Teacher:
+  """The Teacher of an EDM arch dict and its converted variables."""
   module = build_precond(arch, dtype=dtype, precision=precision)
   return Teacher(module=module, params=jax.tree_util.tree_map(jnp.asarray, variables), arch=arch)
 
 
-__all__ = ["Teacher", "load_teacher", "convert_state_dict", "save_converted", "load_converted",
+__all__ = ["Teacher", "load_teacher", "teacher_from_variables", "convert_state_dict", "save_converted", "load_converted",
            "read_edm_checkpoint", "read_arch_file"]
