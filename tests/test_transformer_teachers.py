@@ -360,4 +360,41 @@ def test_full_size_parameter_counts_match_diffusers(name):
     arch = tc.arch_from_diffusers_config({"_class_name": "DiTTransformer2DModel", **config})
   ours = _count(tc.param_shapes(dit.DiffusionTransformer(**arch))["params"])
   assert ours == theirs, (name, ours, theirs)
+  if name.startswith("DiT"):  # DiT's own count (its train.py log) includes the frozen 256 x 1152 positions
+    assert ours + 256 * 1152 == 675_129_632
   assert (name == "PixArt-XL-2-1024-MS") == arch.get("micro_conditions", False)
+
+
+def test_convert_transformer_writes_a_folder_load_teacher_reads(tmp_path, capsys):
+  from simjax import convert_transformer  # pylint: disable=import-outside-toplevel
+  model = _pixart()
+  pipeline = _save_pipeline(tmp_path, model)
+  original = _to_original_pixart(_state(model), depth=2)
+  torch.save({"ema": {f"module.{k}": torch.tensor(v) for k, v in original.items()}}, tmp_path / "sim.pt")
+  assert convert_transformer.main([str(pipeline), str(tmp_path / "from_pipeline")]) == 0
+  assert convert_transformer.main([str(tmp_path / "sim.pt"), str(tmp_path / "from_sim"),
+                                   "--arch", '{"num_heads": 3}']) == 0
+  assert "learned null caption [5, 12]" in capsys.readouterr().out
+  emb, mask = _text()
+  x, sigma = np.asarray(_nhwc(X)), np.array([0.05, 2.5, 80.0], np.float32)
+  ref = np.asarray(simjax.load_teacher(pipeline, precision=HIGHEST).denoise(x, sigma, {"emb": emb, "mask": mask}))
+  for name in ("from_pipeline", "from_sim"):
+    teacher = simjax.load_teacher(tmp_path / name, precision=HIGHEST)
+    np.testing.assert_allclose(np.asarray(teacher.denoise(x, sigma, {"emb": emb, "mask": mask})), ref, atol=1e-6)
+  converted = simjax.load_teacher(tmp_path / "from_sim")
+  np.testing.assert_array_equal(converted.null_cond["emb"], original["y_embedder.y_embedding"])
+  assert converted.arch["beta_schedule"] == "linear" and converted.module.sigma_max > 150
+
+  # Bad input: exit 2, one line naming the problem, nothing written.
+  edm_like = tmp_path / "edm.pt"
+  torch.save({"model.enc.conv.weight": torch.zeros(2, 2)}, edm_like)
+  cases = [([str(tmp_path / "absent"), str(tmp_path / "o1")], "neither"),
+           ([str(pipeline), str(tmp_path / "from_pipeline")], "not empty"),
+           ([str(edm_like), str(tmp_path / "o2")], "convert_edm"),
+           ([str(tmp_path / "sim.pt"), str(tmp_path / "o3")], "num_heads"),
+           ([str(pipeline), str(tmp_path / "o4"), "--arch", "[1]"], "JSON object")]
+  for argv, phrase in cases:
+    assert convert_transformer.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and phrase in err, (argv, err)
+  assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))

@@ -327,11 +327,29 @@ def read_schedule(path) -> Dict[str, Any]:
   return schedule
 
 
+CONVERTED_NETWORK = "DiffusionTransformer"  # arch.json's `network` in a converted folder
+
+
+def _is_converted(path: Path) -> bool:
+  from simjax.teachers.edm_checkpoints import ARCH_FILE  # pylint: disable=import-outside-toplevel
+  arch_file = path / ARCH_FILE
+  if not arch_file.is_file():
+    return False
+  try:
+    arch = json.loads(arch_file.read_text())
+  except (OSError, json.JSONDecodeError):
+    return False
+  return isinstance(arch, dict) and arch.get("network") == CONVERTED_NETWORK
+
+
 def is_transformer_checkpoint(path) -> bool:
-  """Whether `path` is a diffusers PixArt/DiT pipeline or transformer folder (files: see is_transformer_state)."""
+  """Whether `path` is a diffusers PixArt/DiT pipeline or transformer folder, or a folder written by
+  `python -m simjax.convert_transformer` (files: see is_transformer_state)."""
   path = Path(path)
   if not path.is_dir():
     return False
+  if _is_converted(path):
+    return True
   if (path / "model_index.json").is_file():
     return (path / "transformer" / "config.json").is_file()
   config = path / "config.json"
@@ -352,16 +370,56 @@ def build_teacher_module(arch: Mapping[str, Any], schedule: Mapping[str, Any], *
                            **schedule)
 
 
+def read_any(path, *, arch=None, state=None):
+  """(arch, schedule, {'params': ...}, null caption or None) from any source load_teacher reads."""
+  if state is not None:
+    arch, variables, null_caption = read_original_state(state, arch=arch)
+  elif _is_converted(Path(path)):
+    return load_converted(path)
+  else:
+    arch, variables, null_caption = read_transformer_checkpoint(path, arch=arch)
+  return arch, read_schedule(path), variables, null_caption
+
+
+def save_converted(out_dir, arch, schedule, variables, null_caption=None) -> Path:
+  """OUT_DIR/arch.json (the architecture, the schedule, `network`) + params/ (orbax, with PixArt's null
+  caption beside the parameters when there is one), written whole or not at all."""
+  from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
+  record = {**arch, **schedule, "network": CONVERTED_NETWORK}
+  tree = {"params": variables["params"]}
+  if null_caption is not None:
+    record["null_caption_shape"] = list(null_caption.shape)
+    tree["null_caption"] = np.asarray(null_caption, np.float32)
+  return edm_checkpoints.save_converted(out_dir, record, tree)
+
+
+def load_converted(path):
+  """read_any for a folder written by save_converted."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
+  path = Path(path).absolute()
+  record = edm_checkpoints.read_arch_file(path / edm_checkpoints.ARCH_FILE)
+  record.pop("network")
+  null_shape = record.pop("null_caption_shape", None)
+  schedule = {k: record.pop(k) for k in SCHEDULE_DEFAULTS if k in record}
+  abstract = {"params": param_shapes(DiffusionTransformer(**record))["params"]}
+  if null_shape is not None:
+    abstract["null_caption"] = jax.ShapeDtypeStruct(tuple(null_shape), jnp.float32)
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    tree = checkpointer.restore(path / edm_checkpoints.PARAMS_DIR, abstract)
+  finally:
+    checkpointer.close()
+  null_caption = tree.pop("null_caption", None)
+  return record, {**SCHEDULE_DEFAULTS, **schedule}, tree, None if null_caption is None else np.asarray(null_caption)
+
+
 def load_teacher(path, *, arch=None, state=None, dtype=jnp.float32, precision=None):
   """An `edm_checkpoints.Teacher` whose `denoise(x, sigma, cond)` is the transformer's D (NHWC latents;
   cond a text condition {'emb': [N, L, D], 'mask': [N, L]} for PixArt, one-hot labels for DiT).
   `state`: the file's tensors when the caller has read them already."""
   from simjax.teachers.edm_checkpoints import Teacher  # pylint: disable=import-outside-toplevel
-  if state is not None:
-    arch, variables, null_caption = read_original_state(state, arch=arch)
-  else:
-    arch, variables, null_caption = read_transformer_checkpoint(path, arch=arch)
-  schedule = read_schedule(path)
+  arch, schedule, variables, null_caption = read_any(path, arch=arch, state=state)
   module = build_teacher_module(arch, schedule, dtype=dtype, precision=precision)
   null_cond = None
   if null_caption is not None:
