@@ -27,7 +27,7 @@ import numpy as np
 
 from simjax import torch_files
 from simjax.networks.discrete_vp import DiscreteVPPrecond
-from simjax.networks.dit import DiffusionTransformer
+from simjax.networks.dit import DiffusionTransformer, stack_blocks
 
 # diffusers config keys -> DiffusionTransformer fields.
 _PIXART_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")
@@ -328,6 +328,8 @@ def read_schedule(path) -> Dict[str, Any]:
 
 
 CONVERTED_NETWORK = "DiffusionTransformer"  # arch.json's `network` in a converted folder
+# How the network runs, not what it is: accepted in `arch`, never stored in a converted folder.
+RUNTIME_FIELDS = ("scan_blocks", "remat", "attention_implementation")
 
 
 def _is_converted(path: Path) -> bool:
@@ -375,7 +377,7 @@ def read_any(path, *, arch=None, state=None):
   if state is not None:
     arch, variables, null_caption = read_original_state(state, arch=arch)
   elif _is_converted(Path(path)):
-    return load_converted(path)
+    return load_converted(path, arch=arch)
   else:
     arch, variables, null_caption = read_transformer_checkpoint(path, arch=arch)
   return arch, read_schedule(path), variables, null_caption
@@ -385,7 +387,7 @@ def save_converted(out_dir, arch, schedule, variables, null_caption=None) -> Pat
   """OUT_DIR/arch.json (the architecture, the schedule, `network`) + params/ (orbax, with PixArt's null
   caption beside the parameters when there is one), written whole or not at all."""
   from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
-  record = {**arch, **schedule, "network": CONVERTED_NETWORK}
+  record = {**{k: v for k, v in arch.items() if k not in RUNTIME_FIELDS}, **schedule, "network": CONVERTED_NETWORK}
   tree = {"params": variables["params"]}
   if null_caption is not None:
     record["null_caption_shape"] = list(null_caption.shape)
@@ -393,8 +395,8 @@ def save_converted(out_dir, arch, schedule, variables, null_caption=None) -> Pat
   return edm_checkpoints.save_converted(out_dir, record, tree)
 
 
-def load_converted(path):
-  """read_any for a folder written by save_converted."""
+def load_converted(path, *, arch=None):
+  """read_any for a folder written by save_converted (`arch`: runtime switches such as scan_blocks)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
   path = Path(path).absolute()
@@ -411,6 +413,10 @@ def load_converted(path):
   finally:
     checkpointer.close()
   null_caption = tree.pop("null_caption", None)
+  unknown = sorted(set(arch or {}) - set(RUNTIME_FIELDS))
+  if unknown:
+    raise ValueError(f"a converted folder fixes the architecture; only {RUNTIME_FIELDS} can be set, not {unknown}.")
+  record.update(arch or {})
   return record, {**SCHEDULE_DEFAULTS, **schedule}, tree, None if null_caption is None else np.asarray(null_caption)
 
 
@@ -424,5 +430,8 @@ def load_teacher(path, *, arch=None, state=None, dtype=jnp.float32, precision=No
   null_cond = None
   if null_caption is not None:
     null_cond = {"emb": jnp.asarray(null_caption), "mask": jnp.ones(null_caption.shape[:1], jnp.float32)}
-  params = {"params": {"model": jax.tree.map(jnp.asarray, variables["params"])}}
+  params = variables["params"]
+  if arch.get("scan_blocks"):  # checkpoints hold one subtree per block; the scanned network one stack
+    params = stack_blocks(params, int(arch["depth"]))
+  params = {"params": {"model": jax.tree.map(jnp.asarray, params)}}
   return Teacher(module=module, params=params, arch={**arch, **schedule}, null_cond=null_cond)
