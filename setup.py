@@ -38,12 +38,14 @@ setup(
     extras_require={
         # The test extra carries the parity extra so the tests against PyTorch references run, not skip.
         "test": ["pytest>=8.0", "torch>=2.13,<2.15", "diffusers>=0.42,<0.43", "transformers>=5.0,<6",
-                 "gcsfs>=2024.2", "tensorflow-datasets>=4.9.10,<4.10"],
+                 "sentencepiece>=0.2", "gcsfs>=2024.2", "tensorflow-datasets>=4.9.10,<4.10"],
         # Reference PyTorch implementations (random weights only) for the parity tests: EDM's files are
         # written with torch; PixArt, DiT, T5 and the VAE are diffusers' / transformers' modules.
         "parity": ["torch>=2.13,<2.15", "diffusers>=0.42,<0.43", "transformers>=5.0,<6"],
         # CIFAR-10 configs: the dataset through `tfds.data_source` (array_record; no TensorFlow).
         "cifar10": ["tensorflow-datasets>=4.9.10,<4.10"],
+        # T5's sentencepiece tokenizer (a user's spiece.model); the byte-level tokenizer needs nothing.
+        "text": ["sentencepiece>=0.2"],
         # gs:// workdirs: etils' object-store backend (checkpoints go through orbax/tensorstore directly).
         "gcs": ["gcsfs>=2024.2"],
     },

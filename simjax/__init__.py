@@ -28,4 +28,34 @@ def load_generator(path):
   return _load_generator(path)
 
 
-__all__ = ["__version__", "load_generator", "load_teacher"]
+def load_vae(path, **kwargs):
+  """The Stable Diffusion VAE of a diffusers folder (or a pipeline's `vae/`): `encode(images)` /
+  `decode(latents)` on NHWC images in [-1, 1], latents scaled as the diffusion model saw them.
+
+  See `simjax.teachers.vae_checkpoints.load_vae`.
+  """
+  from simjax.teachers.vae_checkpoints import load_vae as _load_vae  # pylint: disable=import-outside-toplevel
+  return _load_vae(path, **kwargs)
+
+
+def load_text_encoder(path, **kwargs):
+  """The T5 encoder of a transformers folder (or a pipeline's `text_encoder/`):
+  `encode(token_ids, mask) -> [N, L, D]`.
+
+  See `simjax.text.t5_checkpoints.load_text_encoder`.
+  """
+  from simjax.text.t5_checkpoints import load_text_encoder as _load  # pylint: disable=import-outside-toplevel
+  return _load(path, **kwargs)
+
+
+def load_tokenizer(path):
+  """T5's sentencepiece tokenizer (a `spiece.model`, a `tokenizer/` folder or a pipeline root), or 'byte'
+  for the byte-level one: `tokenizer(texts, max_length) -> (ids, mask)`.
+
+  See `simjax.text.tokenizers.load_tokenizer`.
+  """
+  from simjax.text.tokenizers import load_tokenizer as _load  # pylint: disable=import-outside-toplevel
+  return _load(path)
+
+
+__all__ = ["__version__", "load_generator", "load_teacher", "load_text_encoder", "load_tokenizer", "load_vae"]

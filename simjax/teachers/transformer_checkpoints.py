@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from simjax import torch_files
+from simjax import torch_files, weight_files
+from simjax.weight_files import CheckpointMismatch
 from simjax.networks.discrete_vp import DiscreteVPPrecond
 from simjax.networks.dit import DiffusionTransformer, stack_blocks
 
@@ -35,10 +36,6 @@ _DIT_CLASSES = ("DiTTransformer2DModel",)
 # Attention heads of the published widths (not recoverable from the shapes of the original files).
 _HEADS_OF_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 NULL_CAPTION = "y_embedding"
-
-
-class CheckpointMismatch(ValueError):
-  """The tensors of a file do not fit the architecture (names the missing/unexpected/misshapen)."""
 
 
 def arch_from_diffusers_config(config: Mapping[str, Any]) -> Dict[str, Any]:
@@ -176,17 +173,6 @@ def _shared_dit_embedder(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return out
 
 
-def _to_flax_path(key: str) -> Tuple[str, ...]:
-  """'transformer_blocks.3.attn1.to_out.0.weight' -> ('transformer_blocks_3', 'attn1', 'to_out_0', 'weight')."""
-  parts = []
-  for part in key.split("."):
-    if part.isdigit() and parts:
-      parts[-1] = f"{parts[-1]}_{part}"
-    else:
-      parts.append(part)
-  return tuple(parts)
-
-
 def _to_flax_leaf(path: Tuple[str, ...], value: np.ndarray) -> Tuple[Tuple[str, ...], np.ndarray]:
   name = path[-1]
   if name == "weight" and path[-2] == "embedding_table":
@@ -205,7 +191,7 @@ def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray])
     state = _shared_dit_embedder(state)
   flat = {}
   for key, value in state.items():
-    path, leaf = _to_flax_leaf(_to_flax_path(key), value)
+    path, leaf = _to_flax_leaf(weight_files.flax_path(key), value)
     flat[path] = np.asarray(leaf, np.float32)
   module = DiffusionTransformer(**{**arch, "scan_blocks": False})
   expected = flax.traverse_util.flatten_dict(param_shapes(module)["params"])
@@ -243,30 +229,10 @@ def param_shapes(module: DiffusionTransformer) -> dict:
 # Files.
 
 
-def _read_safetensors(folder: Path) -> Dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  index = sorted(folder.glob("*.safetensors.index.json"))
-  files = (sorted({folder / f for f in json.loads(index[0].read_text())["weight_map"].values()}) if index
-           else sorted(folder.glob("*.safetensors")))
-  state: Dict[str, np.ndarray] = {}
-  for f in files:
-    state.update(load_file(str(f)))
-  return state
-
-
 def _read_diffusers_folder(folder: Path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
   config = json.loads((folder / "config.json").read_text())
   arch = arch_from_diffusers_config(config)
-  if list(folder.glob("*.safetensors")):
-    state = _read_safetensors(folder)
-  else:
-    bins = sorted(folder.glob("*.bin"))
-    if not bins:
-      raise FileNotFoundError(f"{folder} has a config.json but no *.safetensors or *.bin weights.")
-    state = {}
-    for f in bins:
-      state.update(torch_files.load_state_dict(f))
-  return arch, state
+  return arch, weight_files.read_weights(folder, weight_files.DIFFUSERS_WEIGHTS, "transformer")
 
 
 def _strip_prefix(state: Dict[str, np.ndarray], prefix: str = "module.") -> Dict[str, np.ndarray]:
