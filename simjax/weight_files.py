@@ -118,3 +118,27 @@ def component_folder(path, subfolder: str, what: str) -> Path:
       return folder
   raise FileNotFoundError(f"{path} is neither a {what} folder (config.json + weights) nor a pipeline with one "
                           f"under {subfolder}/.")
+
+
+def fit_params(flat, expected, *, what: str, names=None, file_shapes=None, torch_name=None, torch_shape=None,
+               hint: str = ""):
+  """`{'params': ...}` from converted leaves `flat` ({flax path: array}) once they are exactly the
+  `expected` ones ({flax path: ShapeDtypeStruct}); else a CheckpointMismatch naming the missing,
+  unexpected or misshapen tensors. `names` / `file_shapes` give each converted leaf's name and shape in
+  the file; `torch_name(path)` / `torch_shape(path, shape)` name an expected leaf as the file would
+  (default: the flax path and shape)."""
+  import flax  # pylint: disable=import-outside-toplevel
+  names = names or {}
+  file_shapes = file_shapes or {}
+  label = lambda k: names.get(k, "/".join(k))
+  missing = sorted(torch_name(k) if torch_name else "/".join(k) for k in expected if k not in flat)
+  unexpected = sorted(label(k) for k in flat if k not in expected)
+  if missing or unexpected:
+    raise CheckpointMismatch(f"{what} does not match the architecture: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}{hint}.")
+  wrong = [f"{label(k)} {tuple(file_shapes.get(k, flat[k].shape))} != "
+           f"{torch_shape(k, v.shape) if torch_shape else tuple(v.shape)}"
+           for k, v in expected.items() if flat[k].shape != v.shape]
+  if wrong:
+    raise CheckpointMismatch(f"{what}: tensor shapes do not match the architecture: {wrong[:8]}{hint}.")
+  return {"params": flax.traverse_util.unflatten_dict(flat)}

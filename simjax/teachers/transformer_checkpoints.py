@@ -195,15 +195,7 @@ def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray])
     flat[path] = np.asarray(leaf, np.float32)
   module = DiffusionTransformer(**{**arch, "scan_blocks": False})
   expected = flax.traverse_util.flatten_dict(param_shapes(module)["params"])
-  missing = sorted("/".join(k) for k in expected if k not in flat)
-  unexpected = sorted("/".join(k) for k in flat if k not in expected)
-  if missing or unexpected:
-    raise CheckpointMismatch(f"checkpoint does not match the architecture: missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}.")
-  wrong = [f"{'/'.join(k)} {flat[k].shape} != {v.shape}" for k, v in expected.items() if flat[k].shape != v.shape]
-  if wrong:
-    raise CheckpointMismatch(f"tensor shapes do not match the architecture: {wrong[:8]}")
-  return {"params": flax.traverse_util.unflatten_dict(flat)}
+  return weight_files.fit_params(flat, expected, what="the transformer checkpoint")
 
 
 def example_inputs(module: DiffusionTransformer, batch_size: int = 1, text_length: int = 8):

@@ -115,17 +115,10 @@ def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray])
     path, leaf = _to_flax_leaf(weight_files.flax_path(key), value)
     flat[path], names[path] = np.asarray(leaf, np.float32), key
   expected = flax.traverse_util.flatten_dict(param_shapes(AutoencoderKL(**arch))["params"])
-  missing = sorted(_torch_name(k) for k in expected if k not in flat)
-  unexpected = sorted(names[k] for k in flat if k not in expected)
-  if missing or unexpected:
-    raise CheckpointMismatch(f"the VAE checkpoint does not match its config: missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}; check that config.json belongs to these weights.")
-  wrong = [f"{names[k]} {tuple(state[names[k]].shape)} != {_torch_shape(v.shape)}"
-           for k, v in expected.items() if flat[k].shape != v.shape]
-  if wrong:
-    raise CheckpointMismatch(f"VAE tensor shapes do not match the config: {wrong[:8]}; check that config.json "
-                             "belongs to these weights.")
-  return {"params": flax.traverse_util.unflatten_dict(flat)}
+  return weight_files.fit_params(flat, expected, what="the VAE checkpoint", names=names,
+                                 file_shapes={k: state[n].shape for k, n in names.items()}, torch_name=_torch_name,
+                                 torch_shape=lambda _, shape: _torch_shape(shape),
+                                 hint="; check that config.json belongs to these weights")
 
 
 def param_shapes(module: AutoencoderKL) -> dict:

@@ -116,16 +116,8 @@ def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray])
     path, leaf = _to_flax_leaf(weight_files.flax_path(key), value)
     flat[path], names[path], file_shapes[path] = np.asarray(leaf, np.float32), key, value.shape
   expected = flax.traverse_util.flatten_dict(param_shapes(T5Encoder(**arch))["params"])
-  missing = sorted(_to_torch_name(k) for k in expected if k not in flat)
-  unexpected = sorted(names[k] for k in flat if k not in expected)
-  if missing or unexpected:
-    raise CheckpointMismatch(f"checkpoint does not match the T5 encoder of its config: missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}.")
-  wrong = [f"{names[k]} {tuple(file_shapes[k])} != {_torch_shape(k, v.shape)}" for k, v in expected.items()
-           if flat[k].shape != v.shape]
-  if wrong:
-    raise CheckpointMismatch(f"tensor shapes do not match the T5 encoder of its config: {wrong[:8]}")
-  return {"params": flax.traverse_util.unflatten_dict(flat)}
+  return weight_files.fit_params(flat, expected, what="the T5 checkpoint", names=names, file_shapes=file_shapes,
+                                 torch_name=_to_torch_name, torch_shape=_torch_shape)
 
 
 # ----------------------------------------------------------------------------------------------
