@@ -100,6 +100,7 @@ def test_pixart_matches_diffusers(micro):
     flax_size = {k: np.asarray(v, np.float32) for k, v in size.items()} if i else {}
     out = _nchw(net.apply(params, _nhwc(X), T, {"emb": emb, "mask": mask}, **flax_size))
     err = np.abs(out - ref).max()
+    print(f"PixArt micro={micro} size={size or 'default'}: max abs error {err:.2e} (|ref| max {np.abs(ref).max():.1f})")
     assert err <= TOL, (micro, size, err)
   # The padding matters: the same captions unmasked give a different output.
   out_unmasked = _nchw(net.apply(params, _nhwc(X), T, {"emb": emb, "mask": np.ones_like(mask)}))
@@ -127,6 +128,7 @@ def test_dit_matches_diffusers():
     ref = model(torch.tensor(X), timestep=torch.tensor(T), class_labels=torch.tensor(labels)).sample.numpy()
   onehot = np.eye(11, dtype=np.float32)[labels][:, :10]  # the null class is the all-zero row
   out = _nchw(dit.DiffusionTransformer(**arch, precision=HIGHEST).apply(params, _nhwc(X), T, onehot))
+  print(f"DiT: max abs error {np.abs(out - ref).max():.2e}")
   assert np.abs(out - ref).max() <= TOL
 
 
@@ -180,6 +182,7 @@ def test_discrete_vp_denoiser_matches_the_ddpm_scheduler():
     out = module.apply({"params": {"model": params["params"]}}, _nhwc(x_t / np.float32(np.sqrt(abar))),
                        np.full((3,), sigma, np.float32), {"emb": emb, "mask": mask})
     err = np.abs(_nchw(out) - ref).max() / max(1.0, np.abs(ref).max())
+    print(f"discrete VP vs DDPMScheduler x0 at t={t}: relative error {err:.2e}")
     assert err <= TOL, (t, err)
 
 
@@ -334,6 +337,7 @@ def test_guided_ddim_sampling_matches_the_pixart_pipeline(tmp_path):
   cond = {"emb": emb, "mask": mask}
   out = samplers.edm_sample(lambda x, s: denoise(x, s, cond), start, sigmas=sigmas, solver="euler")
   err = np.abs(_nchw(out) - ref).max()
+  print(f"guided DDIM vs PixArtAlphaPipeline: max abs error {err:.2e} (|ref| max {np.abs(ref).max():.1f})")
   assert err <= TOL * max(1.0, np.abs(ref).max()), err
 
 
