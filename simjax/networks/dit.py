@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simjax.networks.attention import dot_product_attention
+
 Dtype = Any
 Precision = Any
 
@@ -121,7 +123,7 @@ class LabelEmbedder(nn.Module):
 
 class Attention(nn.Module):
   """Multi-head attention with biased q/k/v/out projections (diffusers' `Attention`), through
-  jax.nn.dot_product_attention (cuDNN's fused kernel on GPU when `implementation` allows)."""
+  simjax.networks.attention (cuDNN's fused kernel on GPU unless `implementation` says otherwise)."""
   num_heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
@@ -138,7 +140,7 @@ class Attention(nn.Module):
     q, k, v = split(dense("to_q")(x)), split(dense("to_k")(context)), split(dense("to_v")(context))
     if mask is not None:
       mask = mask[:, None, None, :]  # [N, 1 head, 1 query, S]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+    out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation, precision=self.precision)
     return dense("to_out_0")(out.reshape(out.shape[:2] + (width,)))
 
 

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simjax.networks.attention import dot_product_attention
+
 Dtype = Any
 Precision = Any
 
@@ -81,16 +83,6 @@ class T5LayerNorm(nn.Module):
     return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps) * scale
 
 
-def _matmul_precision_name(precision) -> str:
-  """`precision` as jax.default_matmul_precision's name, for the matmuls inside dot_product_attention."""
-  if isinstance(precision, str):
-    return precision
-  if isinstance(precision, jax.lax.Precision):
-    return precision.name.lower()
-  raise ValueError(f"precision={precision!r}: the T5 encoder takes one jax.lax.Precision or its name ('highest'), "
-                   "not a per-operand pair.")
-
-
 class T5Attention(nn.Module):
   """Multi-head self-attention without score scaling; block 0 (`relative_bias`) builds the position
   bias [1, H, L, L] from its bucket table, the other blocks receive it."""
@@ -118,11 +110,7 @@ class T5Attention(nn.Module):
     elif position_bias is None:
       raise ValueError("a T5 attention layer without the bucket table needs block 0's position bias.")
     mask = keep[:, None, None, :]  # [N, 1 head, 1 query, L keys]
-    if self.precision is None:
-      out = jax.nn.dot_product_attention(q, k, v, bias=position_bias, mask=mask, scale=1.0)
-    else:
-      with jax.default_matmul_precision(_matmul_precision_name(self.precision)):
-        out = jax.nn.dot_product_attention(q, k, v, bias=position_bias, mask=mask, scale=1.0)
+    out = dot_product_attention(q, k, v, bias=position_bias, mask=mask, scale=1.0, precision=self.precision)
     return dense(d_model, "o")(out.reshape(n, length, inner)), position_bias
 
 
