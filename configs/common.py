@@ -14,7 +14,8 @@ def adam(lr):
   o.b2 = 0.999
   o.eps = 1e-8
   o.warmup_steps = 0
-  o.grad_clip = 0.0   # 0 = off
+  o.grad_clip = 0.0   # global-norm clipping; 0 = off
+  o.grad_value_clip = 0.0  # each gradient entry into [-c, c] (SiDA clips the fake score's at 1); 0 = off
   return o
 
 
@@ -59,6 +60,7 @@ def shared_config(pipeline: str):
   c.adversarial = ml_collections.ConfigDict()
   c.adversarial.weight = 0.0
   c.adversarial.discriminator_weight = 1.0
+  c.adversarial.start_images = 0.0    # images drawn before the term enters the generator loss (SiDA: 200k)
 
   # Fake score: EDM DSM on stop-gradient generator samples.
   c.fake_p_mean = -1.2

@@ -30,6 +30,10 @@ ADDED_KEYS = {
     "loss.f": "reverse_kl",             # read only by loss.name='uni_instruct'
     "adversarial.weight": 0.0,          # SiDA's adversarial term off
     "adversarial.discriminator_weight": 1.0,
+    "adversarial.start_images": 0.0,    # the adversarial term from the first step
+    "optim.generator.grad_value_clip": 0.0,  # no value clipping
+    "optim.fake.grad_value_clip": 0.0,
+    "teacher_train.optim.grad_value_clip": 0.0,
 }
 
 

@@ -203,6 +203,31 @@ def test_generator_step_gains_weight_times_sidas_generator_term():
   assert tree_rel_err(diff, want) < 1e-3
   np.testing.assert_allclose(float(results[0.5][2]["adv_loss"]), float(term(params)), rtol=1e-5)
   assert "adv_loss" not in results[0.0][2]
+  # Before SiDA's start (adversarial_on = 0) the term is reported but adds nothing.
+  gated = jax.jit(fns.generator)(params, fake, consts, i["z"], None, i["sigma"], i["eps"], i["rng"], None, 0.0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), gated[1], results[0.0][1])
+  np.testing.assert_allclose(float(gated[2]["adv_loss"]), float(term(params)), rtol=1e-5)
+
+
+def test_adversarial_term_waits_for_its_image_count():
+  """adversarial.start_images gates the generator's term in the iteration; the discriminator trains from step 0."""
+  from simjax.training import state as state_lib  # pylint: disable=import-outside-toplevel
+  ends = {}
+  for start in (0.0, 1e9):
+    config = small_config(weight=0.5)
+    config.adversarial.start_images = start
+    distillation, _ = gmm.build(config)
+    mesh = mesh_lib.make_mesh((1, 1), devices=jax.devices()[:1])
+    init = distillation.init_fn()
+    state = state_lib.new_state(init, distillation.optimizers, ("generator",))
+    rep = lambda t: jax.tree.map(lambda _: P(), t)
+    consts = {**distillation.consts, sim_steps.REAL: distillation.real_samples()}
+    specs = {"generator": rep(init["generator"]), "fake": rep(init["fake"]), "consts": rep(consts)}
+    iteration = sim_steps.make_sim_iteration(distillation.nets, config, mesh, specs, distillation.optimizers)
+    ends[start], metrics = jax.jit(iteration)(state, consts)
+    assert float(metrics["adv_loss"]) > 0 and float(metrics["disc_loss"]) > 0
+  jax.tree.map(np.testing.assert_array_equal, ends[0.0].params["fake"], ends[1e9].params["fake"])
+  assert tree_rel_err(ends[1e9].params["generator"], ends[0.0].params["generator"]) > 1e-6
 
 
 def test_discriminator_losses_are_normalised_per_device():
@@ -232,3 +257,24 @@ def _worker():
 if __name__ == "__main__":
   if sys.argv[1:] == ["worker"]:
     _worker()
+
+
+def test_grad_value_clip_clips_each_entry_before_adam():
+  """SiDA clips the fake score's gradient values at 1 (clip_grad_value_): Adam's second moment sees the clipped ones."""
+  from simjax.training import state as state_lib  # pylint: disable=import-outside-toplevel
+  config = small_config()
+  optim = config.optim.fake
+  grads = {"w": jnp.array([5.0, -0.5, -3.0])}
+  params = {"w": jnp.zeros(3)}
+  nus = {}
+  for clip in (0.0, 1.0):
+    optim.grad_value_clip = clip
+    opt = state_lib.make_optimizer(optim)
+    state = opt.init(params)
+    _, state = opt.update(grads, state, params)
+    adam_state = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                  if isinstance(s, optax.ScaleByAdamState)][0]
+    nus[clip] = np.asarray(adam_state.nu["w"])
+  b2 = float(optim.b2)
+  np.testing.assert_allclose(nus[0.0], (1 - b2) * np.array([25.0, 0.25, 9.0]), rtol=1e-6)
+  np.testing.assert_allclose(nus[1.0], (1 - b2) * np.array([1.0, 0.25, 1.0]), rtol=1e-6)

@@ -46,6 +46,16 @@ def log_ratio(logits):
   return -jnp.clip(per_sample, -LOGIT_CLIP, LOGIT_CLIP)
 
 
+def start_images(config) -> float:
+  """adversarial.start_images: images drawn before the adversarial term enters the generator loss (SiDA:
+  200k; the discriminator trains from the start). Checked finite and >= 0."""
+  start = float((config.get("adversarial") or {}).get("start_images", 0.0) or 0.0)
+  if not 0.0 <= start < float("inf"):
+    raise UserError(f"adversarial.start_images must be a finite value >= 0, got {start}; set "
+                    "--config.adversarial.start_images (SiDA: 200000).")
+  return start
+
+
 def settings(config):
   """(adversarial.weight, adversarial.discriminator_weight), checked: weight >= 0 (0 = off), discriminator
   weight > 0, both finite."""

@@ -90,10 +90,11 @@ def validate_common(config, data_dim: int = 1):
       state_lib.make_optimizer(config.optim[name])
     except ValueError as e:  # name the optimizer and the flag to fix
       raise UserError(f"optim.{name}: {str(e).rstrip('.')} (--config.optim.{name}.*).") from None
-  from simjax.losses import generator as generator_losses  # pylint: disable=import-outside-toplevel
+  from simjax.losses import adversarial, generator as generator_losses  # pylint: disable=import-outside-toplevel
   from simjax.training import regression, sim_steps  # pylint: disable=import-outside-toplevel
   generator_losses.get_generator_loss(config.loss, data_dim)
   sim_steps.check_discriminator(config, data_dim)
+  adversarial.start_images(config)
   sim_steps.loss_scales(config)
   regression.settings(config)
   perf_lib.resolve(config)

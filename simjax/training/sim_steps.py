@@ -129,7 +129,8 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
 
   sigma_data = float(config.sigma_data)
 
-  def fake_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real):
+  def fake_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real, adversarial_on):
+    del adversarial_on
     consts = mesh_lib.gather_params(consts, consts_specs)
     gen_full = mesh_lib.gather_params(gen_params, specs["generator"])
     rng = jax.random.fold_in(rng, device_index(mesh))
@@ -166,7 +167,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
     return (jax.lax.pmean(loss, mesh_lib.BATCH_AXES), average_grads(grads, specs["fake"], mesh),
             jax.lax.pmean(metrics, mesh_lib.BATCH_AXES))
 
-  def gen_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real):
+  def gen_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real, adversarial_on):
     del real
     consts = mesh_lib.gather_params(consts, consts_specs)
     fake_full = mesh_lib.gather_params(fake_params, specs["fake"])
@@ -197,7 +198,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
       if adversarial_weight:
         # SiDA's generator term on the same x_t, through the fake score's (frozen) encoder logits.
         metrics["adv_loss"] = adversarial.generator_loss(aux["logits"], aux["weight"], data_dim)
-        loss = loss + adversarial_weight * metrics["adv_loss"]
+        loss = loss + adversarial_weight * adversarial_on * metrics["adv_loss"]
       if regression_weight:
         # DMD's regression term on this device's share of the pairs (its own draw, folded with the device).
         reg = regression.loss(
@@ -211,15 +212,17 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
             jax.lax.pmean(metrics, mesh_lib.BATCH_AXES))
 
   def sharded(fn, out_params_spec):
-    def call(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real=None):
+    def call(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real=None, adversarial_on=1.0):
+      """adversarial_on: 1 or 0 (a traced scalar), whether the adversarial term enters the generator loss
+      yet (SiDA's image-count schedule); its metric is reported either way."""
       if discriminate and real is None and fn is fake_local:
         raise ValueError("the discriminator's fake-score step needs a batch of real samples (real=...).")
       consts = {k: v for k, v in consts.items() if k != REAL}
       in_specs = (specs["generator"], specs["fake"], consts_specs, mesh_lib.batch_specs(z), mesh_lib.batch_specs(cond),
-                  mesh_lib.batch_spec(1), mesh_lib.batch_spec(z.ndim), P(), mesh_lib.batch_specs(real))
+                  mesh_lib.batch_spec(1), mesh_lib.batch_spec(z.ndim), P(), mesh_lib.batch_specs(real), P())
       mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(), out_params_spec, P()), check_vma=False)
       return mapped(gen_params, fake_params, consts, z, cond, constrain_batch(sigma, mesh),
-                    constrain_batch(eps, mesh), rng, real)
+                    constrain_batch(eps, mesh), rng, real, jnp.asarray(adversarial_on, jnp.float32))
     return call
 
   return StepGrads(fake=sharded(fake_local, specs["fake"]), generator=sharded(gen_local, specs["generator"]))
@@ -263,6 +266,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
   t_min, t_max = generator_losses.get_generator_loss(config.loss, math.prod(nets.data_shape)).t_range
   discriminate = discriminator_needed(config, math.prod(nets.data_shape))
   adversarial_on = adversarial.settings(config)[0] > 0
+  adversarial_start = adversarial.start_images(config)
 
   def iteration(state: state_lib.TrainState, consts):
     key = jax.random.fold_in(base_key, state.step)
@@ -300,8 +304,10 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       sigma = edm.sample_sigma_karras_uniform(k_sigma, (batch,), t_max, float(config.sigma_min),
                                              float(config.sigma_max), float(config.rho), t_min=t_min)
       eps = jax.random.normal(k_eps, z.shape, jnp.float32)
+      # SiDA adds its adversarial term once adversarial.start_images images have been drawn.
+      started = (state.step.astype(jnp.float32) * batch >= adversarial_start).astype(jnp.float32)
       loss, grads, gen_metrics = step_grads.generator(params["generator"], params["fake"], consts, z, cond, sigma,
-                                                      eps, k_rng)
+                                                      eps, k_rng, None, started)
       metrics.update(gen_metrics)
       params["generator"], opt_state["generator"] = state_lib.apply_optimizer(
           optimizers["generator"], params["generator"], opt_state["generator"], grads)

@@ -23,7 +23,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_optimizer(optim_config) -> optax.GradientTransformation:
-  """Adam with linear learning-rate warm-up and optional global-norm clipping."""
+  """Adam with linear learning-rate warm-up and optional value and global-norm clipping of the gradients."""
   for name in ("lr", "eps"):
     if not float(optim_config[name]) > 0:
       raise UserError(f"optimizer {name} must be > 0, got {optim_config[name]}; set a positive value.")
@@ -33,6 +33,11 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
   lr = float(optim_config.lr)
   schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
   chain = []
+  value_clip = float(optim_config.get("grad_value_clip", 0.0) or 0.0)
+  if not 0.0 <= value_clip < float("inf"):
+    raise UserError(f"optimizer grad_value_clip must be a finite value >= 0 (0 = off), got {value_clip}.")
+  if value_clip:  # SiDA's clip_grad_value_ on the fake score: each gradient entry into [-c, c]
+    chain.append(optax.clip(value_clip))
   if optim_config.get("grad_clip"):
     chain.append(optax.clip_by_global_norm(float(optim_config.grad_clip)))
   chain.append(optax.adam(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2), eps=float(optim_config.eps)))
