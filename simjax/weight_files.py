@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+import flax
 import numpy as np
 
 from simjax import torch_files
@@ -39,6 +40,25 @@ def flax_path(key: str) -> Tuple[str, ...]:
     else:
       parts.append(part)
   return tuple(parts)
+
+
+def kernel_from_torch(weight: np.ndarray) -> np.ndarray:
+  """A torch weight in flax's layout: convolutions OIHW -> HWIO, linear layers [out, in] -> [in, out]
+  (a view, not a copy); other ranks unchanged."""
+  if weight.ndim == 4:
+    return weight.transpose(2, 3, 1, 0)
+  if weight.ndim == 2:
+    return weight.T
+  return weight
+
+
+def torch_kernel_shape(shape) -> Tuple[int, ...]:
+  """The shape a flax kernel has in torch's layout (the inverse of kernel_from_torch)."""
+  shape = tuple(shape)
+  if len(shape) == 4:
+    h, w, i, o = shape
+    return (o, i, h, w)
+  return shape[::-1] if len(shape) == 2 else shape
 
 
 def _read_raw_safetensors(path: Path) -> Dict[str, np.ndarray]:
@@ -127,7 +147,6 @@ def fit_params(flat, expected, *, what: str, names=None, file_shapes=None, torch
   unexpected or misshapen tensors. `names` / `file_shapes` give each converted leaf's name and shape in
   the file; `torch_name(path)` / `torch_shape(path, shape)` name an expected leaf as the file would
   (default: the flax path and shape)."""
-  import flax  # pylint: disable=import-outside-toplevel
   names = names or {}
   file_shapes = file_shapes or {}
   label = lambda k: names.get(k, "/".join(k))

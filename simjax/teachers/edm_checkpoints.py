@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from simjax import storage, torch_files
+from simjax import storage, torch_files, weight_files
 from simjax.networks.precond import build_precond, param_shapes
 from simjax.networks.songunet import resample_kernel_2d
 
@@ -49,20 +49,11 @@ def _plain_arch(arch: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _torch_shape(name: str, flax_shape) -> Tuple[int, ...]:
-  if name.endswith("kernel") and len(flax_shape) == 4:
-    h, w, i, o = flax_shape
-    return (o, i, h, w)
-  if name.endswith("kernel") and len(flax_shape) == 2:
-    return tuple(flax_shape[::-1])
-  return tuple(flax_shape)
+  return weight_files.torch_kernel_shape(flax_shape) if name.endswith("kernel") else tuple(flax_shape)
 
 
 def _to_flax(leaf_name: str, tensor: np.ndarray) -> np.ndarray:
-  if leaf_name == "kernel" and tensor.ndim == 4:
-    return tensor.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  if leaf_name == "kernel" and tensor.ndim == 2:
-    return tensor.T  # [out, in] -> [in, out]
-  return tensor
+  return weight_files.kernel_from_torch(tensor) if leaf_name == "kernel" else tensor
 
 
 def _summarise(names, limit=4):

@@ -174,14 +174,11 @@ def _shared_dit_embedder(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 def _to_flax_leaf(path: Tuple[str, ...], value: np.ndarray) -> Tuple[Tuple[str, ...], np.ndarray]:
-  name = path[-1]
-  if name == "weight" and path[-2] == "embedding_table":
+  if path[-1] != "weight":
+    return path, value
+  if path[-2] == "embedding_table":
     return path[:-1] + ("embedding",), value
-  if name == "weight" and value.ndim == 4:
-    return path[:-1] + ("kernel",), value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  if name == "weight":
-    return path[:-1] + ("kernel",), value.T
-  return path, value
+  return path[:-1] + ("kernel",), weight_files.kernel_from_torch(value)
 
 
 def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> dict:
@@ -239,11 +236,7 @@ def read_transformer_checkpoint(path, *, arch: Optional[Mapping[str, Any]] = Non
   if not path.exists():
     raise FileNotFoundError(f"no such file or directory: {path}")
   if path.is_dir():
-    folder = path / "transformer" if (path / "model_index.json").is_file() else path
-    if not (folder / "config.json").is_file():
-      raise FileNotFoundError(f"{path} is neither a diffusers pipeline (model_index.json) nor a transformer "
-                              "folder (config.json + weights).")
-    read_arch, state = _read_diffusers_folder(folder)
+    read_arch, state = _read_diffusers_folder(weight_files.component_folder(path, "transformer", "diffusers transformer"))
     arch = {**read_arch, **dict(arch or {})}
     return arch, convert_state_dict(arch, state), None
   return read_original_state(torch_files.load_state_dict(path), arch=arch)
@@ -357,6 +350,9 @@ def load_converted(path, *, arch=None):
   """read_any for a folder written by save_converted (`arch`: runtime switches such as scan_blocks)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
+  unknown = sorted(set(arch or {}) - set(RUNTIME_FIELDS))
+  if unknown:  # before the (slow) restore
+    raise ValueError(f"a converted folder fixes the architecture; only {RUNTIME_FIELDS} can be set, not {unknown}.")
   path = Path(path).absolute()
   record = edm_checkpoints.read_arch_file(path / edm_checkpoints.ARCH_FILE)
   record.pop("network")
@@ -371,9 +367,6 @@ def load_converted(path, *, arch=None):
   finally:
     checkpointer.close()
   null_caption = tree.pop("null_caption", None)
-  unknown = sorted(set(arch or {}) - set(RUNTIME_FIELDS))
-  if unknown:
-    raise ValueError(f"a converted folder fixes the architecture; only {RUNTIME_FIELDS} can be set, not {unknown}.")
   record.update(arch or {})
   return record, {**SCHEDULE_DEFAULTS, **schedule}, tree, None if null_caption is None else np.asarray(null_caption)
 

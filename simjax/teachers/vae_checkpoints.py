@@ -86,10 +86,8 @@ def _to_flax_leaf(path: Tuple[str, ...], value: np.ndarray) -> Tuple[Tuple[str, 
   """torch layouts -> flax: conv OIHW -> HWIO, linear [out, in] -> [in, out], GroupNorm weight -> scale."""
   if path[-1] != "weight":
     return path, value
-  if value.ndim == 4:
-    return path[:-1] + ("kernel",), value.transpose(2, 3, 1, 0)
-  if value.ndim == 2:
-    return path[:-1] + ("kernel",), value.T
+  if value.ndim in (2, 4):
+    return path[:-1] + ("kernel",), weight_files.kernel_from_torch(value)
   return path[:-1] + ("scale",), value
 
 
@@ -97,13 +95,6 @@ def _torch_name(path: Tuple[str, ...]) -> str:
   """A flax parameter path as the diffusers tensor it is read from: ('to_out_0', 'kernel') -> 'to_out.0.weight'."""
   parts = [re.sub(r"_(\d+)$", r".\1", part) for part in path[:-1]]
   return ".".join(parts + ["weight" if path[-1] in ("kernel", "scale") else path[-1]])
-
-
-def _torch_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-  """A flax leaf shape in torch's layout (conv HWIO -> OIHW, linear [in, out] -> [out, in])."""
-  if len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  return tuple(reversed(shape))
 
 
 def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> dict:
@@ -117,7 +108,7 @@ def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray])
   expected = flax.traverse_util.flatten_dict(param_shapes(AutoencoderKL(**arch))["params"])
   return weight_files.fit_params(flat, expected, what="the VAE checkpoint", names=names,
                                  file_shapes={k: state[n].shape for k, n in names.items()}, torch_name=_torch_name,
-                                 torch_shape=lambda _, shape: _torch_shape(shape),
+                                 torch_shape=lambda _, shape: weight_files.torch_kernel_shape(shape),
                                  hint="; check that config.json belongs to these weights")
 
 

@@ -81,11 +81,11 @@ def _to_flax_leaf(path: Tuple[str, ...], value: np.ndarray) -> Tuple[Tuple[str, 
     return path[:-1] + ("scale",), value
   if path[-2] in ("relative_attention_bias", "shared"):
     return path[:-1] + ("embedding",), value
-  return path[:-1] + ("kernel",), value.T if value.ndim == 2 else value  # torch [out, in] -> [in, out]
+  return path[:-1] + ("kernel",), weight_files.kernel_from_torch(value)
 
 
 def _torch_shape(path: Tuple[str, ...], shape) -> Tuple[int, ...]:
-  return tuple(shape)[::-1] if path[-1] == "kernel" else tuple(shape)
+  return weight_files.torch_kernel_shape(shape) if path[-1] == "kernel" else tuple(shape)
 
 
 def _embedding(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
