@@ -13,9 +13,12 @@
 # JSON lines in OUT_DIR, and the table is printed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ -z "${EDM:-}" ]; then
+  echo "device_pair.sh: set EDM=/path/to/a checkout of NVlabs/edm (git clone https://github.com/NVlabs/edm)" >&2
+  exit 2
+fi
 OUT=${1:-${OUT:-/tmp/device_pair}}
 mkdir -p "$OUT"
-: "${EDM:?set EDM=/path/to/a checkout of NVlabs/edm}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # simjax and torch share the GPU in the peer runs
 
 for B in 64 128; do

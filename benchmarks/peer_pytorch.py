@@ -139,6 +139,11 @@ def main():
   parser.add_argument("--amp", action="store_true", help="peer under bf16 autocast (GPU)")
   parser.add_argument("--compile", action="store_true", help="peer networks under torch.compile")
   args = parser.parse_args()
+  if min(args.batch, args.rounds, args.calls) < 1:
+    parser.error("--batch, --rounds and --calls must be >= 1.")
+  import sim_step  # pylint: disable=import-outside-toplevel,import-error
+  if args.variant not in sim_step.VARIANTS:
+    parser.error(f"--variant={args.variant}: use one of {sorted(sim_step.VARIANTS)}.")
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -146,7 +151,6 @@ def main():
   edm_networks = import_edm(args.edm)
 
   import jax  # pylint: disable=import-outside-toplevel
-  import sim_step  # pylint: disable=import-outside-toplevel,import-error
   from simjax.pipelines.image_teacher import teacher_arch_from_config  # pylint: disable=import-outside-toplevel
   from simjax.training import sim_steps  # pylint: disable=import-outside-toplevel
 

@@ -120,7 +120,16 @@ def main():
   parser.add_argument("--iters", type=int, default=2)
   args = parser.parse_args()
   dtypes = args.dtypes.split(",")
-  memory_cases(args.depth, [int(b) for b in args.batches.split(",")], dtypes)
+  if set(dtypes) - {"float32", "bfloat16"}:
+    parser.error(f"--dtypes={args.dtypes}: use float32 and/or bfloat16, comma-separated.")
+  try:
+    batches = [int(b) for b in args.batches.split(",")]
+  except ValueError:
+    batches = []
+  if not batches or min(batches) < 1 or min(args.depth, args.time_batch, args.iters) < 1 or args.time_depth < 0:
+    parser.error("--batches must be positive integers, comma-separated; --depth, --time_batch and --iters >= 1, "
+                 "--time_depth >= 0.")
+  memory_cases(args.depth, batches, dtypes)
   if args.time_depth:
     time_cases(args.time_depth, args.time_batch, dtypes, args.iters)
 
