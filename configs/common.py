@@ -65,6 +65,9 @@ def shared_config(pipeline: str):
   # Fake score: EDM DSM on stop-gradient generator samples.
   c.fake_p_mean = -1.2
   c.fake_p_std = 1.2
+  # 'auto': EDM's lognormal levels and weight, or for a discrete-time teacher (PixArt) its own training:
+  # uniform trained timesteps and the epsilon loss ('lognormal' / 'grid' to choose).
+  c.fake_noise = "auto"
   c.fake_steps_per_iteration = 1      # fake-score updates per generator update
   c.fake_warmup_steps = 0             # iterations with fake-score updates only
 
@@ -158,5 +161,90 @@ def image_config():
   c.sample.source = "generator"       # or 'teacher'
   c.sample.checkpoint = ""            # default: workdir/generator or the run's teacher
   c.sample.num = 1000
+  c.sample.seed = 0
+  return c
+
+
+def text_to_image_config():
+  """Defaults of every text-to-image config: SIM on a PixArt-family teacher from prompts only."""
+  c = shared_config("text_to_image")
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""                    # 'digits' for the embedded default; else only the shape matters
+  c.data.shape = (64, 64, 4)          # what the teacher makes: PixArt-512's latents (512 / 8, 4 channels)
+  c.data.holdout_fraction = 0.2
+  c.data.split_seed = 0
+
+  c.text = ml_collections.ConfigDict()
+  c.text.tokenizer = "byte"           # 'byte' (ByT5's), or T5's spiece.model / a tokenizer folder / pipeline root
+  c.text.encoder = ""                 # a transformers T5 folder or pipeline root; 'train' with teacher.kind='train'
+  c.text.encoder_arch = ml_collections.ConfigDict(dict(  # teacher.kind='train' only
+      d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+      relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu"))
+  c.text.max_length = 120             # PixArt-alpha's
+  c.text.prompts = ""                 # .txt (a prompt per line), .jsonl (text.prompt_field) or tfds:NAME/SPLIT
+  c.text.prompt_field = "text"
+  c.text.data_dir = ""                # tfds data dir
+  c.text.cache_dir = ""               # the prompt embeddings; default WORKDIR/embeddings
+  c.text.shard_size = 1024
+  c.text.encode_batch_size = 64
+  c.text.cache_dtype = "float16"
+  # 0: every cached prompt is in the generator's pool (on the devices); > 0: windows of this many shards
+  # streamed from the cache, the next every text.pool_every steps (a function of the step: resume replays).
+  c.text.pool_shards = 0
+  c.text.pool_every = 1000
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.kind = "checkpoint"       # a PixArt/DiT folder or file, or 'train' (the digits default)
+  c.teacher.checkpoint = ""
+  c.teacher.runtime = ml_collections.ConfigDict(dict(scan_blocks=False, remat=False, attention_implementation=""))
+  c.teacher.arch = ml_collections.ConfigDict(dict(patch_size=2, num_heads=4, head_dim=16, depth=4))  # 'train' only
+  c.teacher.schedule = ml_collections.ConfigDict(dict(  # 'train' only; a checkpoint brings its own
+      num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"))
+  # Classifier-free guidance of the teacher, D_null + w (D_c - D_null) (PixArt's sampler default 4.5); the
+  # generator and the fake score stay unguided.
+  c.teacher.guidance = 4.5
+  c.teacher.null = "checkpoint"       # the null caption: the checkpoint's (PixArt's learned one) or 'empty_prompt'
+  c.vae = ""                          # a latent teacher's VAE (diffusers AutoencoderKL): grids and samples decoded
+
+  tt = c.teacher_train = ml_collections.ConfigDict()  # teacher.kind='train': epsilon loss, T5 trained with it
+  tt.seed = 1
+  tt.num_steps = 4000
+  tt.batch_size = 128
+  tt.caption_dropout = 0.1            # rows given the null caption, so guidance has a D_null
+  tt.optim = adam(1e-3)
+  tt.optim.b1 = 0.9
+  tt.optim.warmup_steps = 200
+  tt.ema_half_life_images = 50_000.0
+  tt.ema_rampup_ratio = 0.05
+  tt.log_every = 200
+  tt.checkpoint_every = 1000
+
+  c.captions = ml_collections.ConfigDict(dict(per_image=8, eval_per_image=1, seed=0))  # digits only
+
+  c.loss.huber_c_per_dim = 0.3
+  c.loss.huber_c = 0.0
+  c.loss.generator_scale = 1.0
+  c.loss.fake_scale = 1.0
+  c.fake_augment_p = 0.0
+  c.num_steps = 10_000
+  c.grid_every = 1000
+  c.grid_size = 4
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.features = "none"            # 'digit_classifier' on digits
+  c.eval.samples_per_prompt = 4
+  c.eval.batch_size = 256
+  c.eval.teacher_steps = 18           # Heun on the trained levels: 35 NFE (x2 with guidance)
+  c.eval.guidance_sweep = (1.0, 2.0, 4.5)
+  c.eval.seed = 1234
+  c.eval.every = 0
+  c.eval.fid_ref = ""
+  c.eval.classifier = ml_collections.ConfigDict(dict(steps=600, seed=0, features=64))
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.source = "generator"       # or 'teacher' (its guided sampler)
+  c.sample.checkpoint = ""            # default: WORKDIR/generator
+  c.sample.prompts = ""               # --mode=sample: a .txt / .jsonl file of prompts
+  c.sample.per_prompt = 1
   c.sample.seed = 0
   return c

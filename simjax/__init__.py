@@ -22,6 +22,11 @@ def load_generator(path):
     gen = simjax.load_generator("workdirs/digits")
     x = gen.sample(64, seed=0)          # [64, 8, 8, 1] float32 in [-1, 1]
 
+  A text-to-image run's generator takes prompts (encoded with the run's tokenizer and T5):
+
+    gen = simjax.load_generator("workdirs/digits_t2i")
+    x = gen.sample(2, seed=0, prompts=["a thick 7", "the digit three"])
+
   See `simjax.exported.Generator.sample` (class-conditional generators take `cond`).
   """
   from simjax.exported import load_generator as _load_generator  # pylint: disable=import-outside-toplevel

@@ -34,6 +34,7 @@ ADDED_KEYS = {
     "optim.generator.grad_value_clip": 0.0,  # no value clipping
     "optim.fake.grad_value_clip": 0.0,
     "teacher_train.optim.grad_value_clip": 0.0,
+    "fake_noise": "auto",               # EDM's lognormal draw for every continuous teacher, as before
 }
 
 

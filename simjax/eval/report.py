@@ -26,14 +26,17 @@ def write_final(workdir, results: dict, name: str = "final.json"):
   write_json(epath.Path(workdir) / "eval" / name, results)
 
 
-def write_samples(workdir, name: str, x: np.ndarray, labels: Optional[np.ndarray] = None):
-  """samples/<name>.npz with key `x` (data's own layout and range) and `labels` when conditional."""
+def write_samples(workdir, name: str, x: np.ndarray, labels: Optional[np.ndarray] = None, prompts=None):
+  """samples/<name>.npz with key `x` (data's own layout and range), `labels` when class-conditional and
+  `prompts` (one string per row) when text-conditioned."""
   if jax.process_index() != 0:
     return
   buf = io.BytesIO()
   arrays = {"x": np.asarray(x)}
   if labels is not None:
     arrays["labels"] = np.asarray(labels)
+  if prompts is not None:
+    arrays["prompts"] = np.asarray([str(p) for p in prompts])
   np.savez(buf, **arrays)
   storage.atomic_write_bytes(epath.Path(workdir) / "samples" / f"{name}.npz", buf.getvalue())
 
@@ -78,3 +81,24 @@ def image_grid(images: np.ndarray, cols: int, value_range=(-1.0, 1.0), pad: int 
     grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
   img = Image.fromarray(grid[..., 0] if c == 1 else grid)
   return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def captioned_grid(images: np.ndarray, captions: Sequence[str], cols: int, value_range=(-1.0, 1.0),
+                   cell: int = 96, text_lines: int = 3) -> Image.Image:
+  """NHWC images, each upscaled to `cell` pixels with its caption wrapped under it (text-to-image grids)."""
+  import textwrap  # pylint: disable=import-outside-toplevel
+  n = len(images)
+  rows = -(-n // cols)
+  line_h, chars = 11, max(8, cell // 6)
+  cell_h = cell + 4 + line_h * text_lines
+  canvas = Image.new("RGB", (cols * (cell + 6) + 6, rows * (cell_h + 6) + 6), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i in range(n):
+    r, q = divmod(i, cols)
+    x0, y0 = 6 + q * (cell + 6), 6 + r * (cell_h + 6)
+    tile = image_grid(images[i:i + 1], 1, value_range, pad=0).convert("RGB").resize((cell, cell), Image.NEAREST)
+    canvas.paste(tile, (x0, y0))
+    lines = textwrap.wrap(str(captions[i]), chars)[:text_lines]
+    for j, line in enumerate(lines):
+      draw.text((x0, y0 + cell + 2 + j * line_h), line, fill="black")
+  return canvas

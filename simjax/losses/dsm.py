@@ -12,6 +12,21 @@ def edm_dsm_loss(denoised, x0, sigma, sigma_data=edm.SIGMA_DATA):
   return edm.edm_loss_weight(sigma, sigma_data) * sq
 
 
+def epsilon_loss(denoised, x0, sigma):
+  """Per-sample DDPM loss ||eps_hat - eps||^2 summed over dims, eps_hat = (x_t - D) / sigma: [N]. The same
+  as ||D - x0||^2 / sigma^2, the weighting a discrete epsilon-prediction teacher was trained with."""
+  sq = jnp.sum(jnp.square(denoised - x0).reshape(x0.shape[0], -1), axis=-1)
+  return sq / jnp.square(sigma)
+
+
+def draw_grid_noise(key, x0_shape, grid):
+  """A trained timestep per row, uniform (DDPM's training draw), as its sigma, and Gaussian noise."""
+  k_t, k_eps = jax.random.split(key)
+  table = jnp.asarray(grid, jnp.float32)
+  sigma = table[jax.random.randint(k_t, x0_shape[:1], 0, table.shape[0])]
+  return sigma, jax.random.normal(k_eps, x0_shape, jnp.float32)
+
+
 def dsm_loss(params, denoise, x0, sigma, eps, sigma_data=edm.SIGMA_DATA):
   """Mean EDM DSM loss of `denoise(params, x_t, sigma)` on clean samples x0 with given noise.
 

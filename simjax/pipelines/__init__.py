@@ -3,7 +3,8 @@ import importlib
 
 from simjax.errors import UserError
 
-PIPELINES = {"gmm": "simjax.pipelines.gmm", "image": "simjax.pipelines.image"}
+PIPELINES = {"gmm": "simjax.pipelines.gmm", "image": "simjax.pipelines.image",
+             "text_to_image": "simjax.pipelines.text_to_image"}
 
 
 def get(config):

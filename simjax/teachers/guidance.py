@@ -38,11 +38,11 @@ def guided(denoise: Callable, weight: float, null=None) -> Callable:
   return call
 
 
-def guided_teacher(teacher, weight: float) -> Callable:
+def guided_teacher(teacher, weight: float, null=None) -> Callable:
   """denoise(variables, x, sigma, cond) of a teacher role (roles.Denoiser: its variables hold 'params' and
-  the other collections), guided with weight w as `guided`."""
-  return lambda v, x, s, cond: guided(lambda x_, s_, c_: teacher.apply(v.get("params"), v, x_, s_, c_), weight)(
-      x, s, cond)
+  the other collections), guided with weight w as `guided` (`null`: the model's own null condition)."""
+  return lambda v, x, s, cond: guided(lambda x_, s_, c_: teacher.apply(v.get("params"), v, x_, s_, c_), weight,
+                                      null)(x, s, cond)
 
 
 def weight_of(config) -> float:
@@ -57,13 +57,15 @@ def check_config(config):
   if not math.isfinite(weight) or weight < 0:
     raise UserError(f"teacher.guidance must be a finite weight >= 0 (1 = no guidance), got {weight}; "
                     "set --config.teacher.guidance.")
-  if weight != 1.0 and not int(config.get("label_dim", 0)):
+  text = config.get("pipeline") == "text_to_image"
+  if weight != 1.0 and not (int(config.get("label_dim", 0)) or text):
     raise UserError(f"teacher.guidance={weight} needs a class-conditional teacher; set --config.label_dim or "
                     "--config.teacher.guidance=1.")
   if weight != 1.0 and bool(config.perf.get("fuse_teacher_fake", False)):
     raise UserError("teacher.guidance != 1 runs the teacher on a doubled batch, which the fused teacher/fake call "
                     "does not; set --config.perf.fuse_teacher_fake=False.")
-  p = float(config.teacher_train.get("label_dropout", 0.0)) if "teacher_train" in config else 0.0
+  name = "caption_dropout" if text else "label_dropout"
+  p = float(config.teacher_train.get(name, 0.0)) if "teacher_train" in config else 0.0
   if not 0.0 <= p < 1.0:
-    raise UserError(f"teacher_train.label_dropout must lie in [0, 1), got {p}; set --config.teacher_train.label_dropout.")
+    raise UserError(f"teacher_train.{name} must lie in [0, 1), got {p}; set --config.teacher_train.{name}.")
   return weight

@@ -334,16 +334,26 @@ def read_any(path, *, arch=None, state=None):
   return arch, read_schedule(path), variables, null_caption
 
 
-def save_converted(out_dir, arch, schedule, variables, null_caption=None) -> Path:
-  """OUT_DIR/arch.json (the architecture, the schedule, `network`) + params/ (orbax, with PixArt's null
-  caption beside the parameters when there is one), written whole or not at all."""
-  from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
+def _converted_record(arch, schedule, variables, null_caption):
   record = {**{k: v for k, v in arch.items() if k not in RUNTIME_FIELDS}, **schedule, "network": CONVERTED_NETWORK}
   tree = {"params": variables["params"]}
   if null_caption is not None:
     record["null_caption_shape"] = list(null_caption.shape)
     tree["null_caption"] = np.asarray(null_caption, np.float32)
-  return edm_checkpoints.save_converted(out_dir, record, tree)
+  return record, tree
+
+
+def save_converted(out_dir, arch, schedule, variables, null_caption=None) -> Path:
+  """OUT_DIR/arch.json (the architecture, the schedule, `network`) + params/ (orbax, with PixArt's null
+  caption beside the parameters when there is one), written whole or not at all."""
+  from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
+  return edm_checkpoints.save_converted(out_dir, *_converted_record(arch, schedule, variables, null_caption))
+
+
+def write_converted(directory, arch, schedule, variables, null_caption=None):
+  """save_converted's files into an existing, empty (staging) directory."""
+  from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
+  edm_checkpoints.write_converted(directory, *_converted_record(arch, schedule, variables, null_caption))
 
 
 def load_converted(path, *, arch=None):

@@ -131,6 +131,28 @@ def read_text_encoder_checkpoint(path) -> Tuple[Dict[str, Any], dict]:
   return arch, convert_state_dict(arch, weight_files.read_weights(folder, WEIGHT_SETS, "T5"))
 
 
+def _to_torch_tensor(path: Tuple[str, ...], value: np.ndarray) -> Tuple[str, np.ndarray]:
+  """The inverse of _to_flax_leaf: a flax leaf as its transformers name and layout."""
+  value = np.asarray(value, np.float32)
+  if path[-1] == "kernel":
+    value = np.ascontiguousarray(value.T)
+  return _to_torch_name(path), value
+
+
+def save_text_encoder(out_dir, arch: Mapping[str, Any], params) -> None:
+  """A transformers-format T5EncoderModel folder (config.json + model.safetensors) of T5Encoder(**arch) with
+  `params`, written whole or not at all; `load_text_encoder` (and transformers) read it back."""
+  from safetensors.numpy import save as save_safetensors  # pylint: disable=import-outside-toplevel
+  from simjax import storage  # pylint: disable=import-outside-toplevel
+  config = {"model_type": "t5", "architectures": ["T5EncoderModel"], "is_encoder_decoder": True,
+            **{key: arch[key] for key in CONFIG_DEFAULTS}}
+  tensors = dict(_to_torch_tensor(path, value) for path, value in
+                 flax.traverse_util.flatten_dict(jax.device_get(dict(params))).items())
+  with storage.staged_directory(out_dir, replace=True) as staging:
+    (staging / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+    (staging / "model.safetensors").write_bytes(save_safetensors(tensors))
+
+
 # ----------------------------------------------------------------------------------------------
 # The loaded encoder.
 

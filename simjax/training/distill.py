@@ -33,6 +33,8 @@ class Distillation:
   collections}; arch: the generator network's arch dict where it is exported (image runs);
   real_samples() -> {'x': [M, ...] model units, 'cond': [M, label_dim] or None}: the real samples the
   discriminator is shown (the data; an analytic teacher's exact samples), None where a run has none.
+  cond_pool_window(w) -> the text conditions the generator draws from in steps [w * pool_every, (w + 1) *
+  pool_every) (host arrays of one shape; streamed from an embedding cache), replacing consts['cond_pool'].
   """
   mesh: jax.sharding.Mesh
   nets: DistillNetworks
@@ -41,6 +43,8 @@ class Distillation:
   optimizers: Dict[str, optax.GradientTransformation]
   arch: Optional[Mapping[str, Any]] = None
   real_samples: Optional[Callable[[], Dict[str, Any]]] = None
+  cond_pool_window: Optional[Callable[[int], Any]] = None
+  pool_every: int = 0
 
   @property
   def generator_extra(self):
@@ -98,6 +102,8 @@ def iteration_inputs(distillation: Distillation, config, specs):
   where loss.regression_weight > 0 (drawn again on resume: the same seed gives the same pairs) and the real
   samples where the discriminator is trained."""
   consts = dict(distillation.consts)
+  if distillation.cond_pool_window is not None:
+    consts["cond_pool"] = distillation.cond_pool_window(0)
   if regression.settings(config)[0]:
     consts["regression"] = regression.make_pairs(distillation.nets, consts["teacher"], config, distillation.mesh)
   if sim_steps.discriminator_needed(config, math.prod(distillation.nets.data_shape)):
@@ -116,6 +122,8 @@ def train_sim(config, workdir, distillation: Distillation, checkpointer, writer,
   mesh, nets = distillation.mesh, distillation.nets
   state, shardings, specs = restore_or_init(distillation, config, checkpointer)
   consts, step_specs = iteration_inputs(distillation, config, specs)
+  consts = windowed_consts(distillation, consts, step_specs["consts"]["cond_pool"]) if (
+      distillation.cond_pool_window is not None) else consts
 
   compiled = {}
   def step_fn(step):
@@ -124,7 +132,8 @@ def train_sim(config, workdir, distillation: Distillation, checkpointer, writer,
       it = sim_steps.make_sim_iteration(nets, config, mesh, step_specs, distillation.optimizers,
                                         with_generator=with_gen)
       jitted = jax.jit(it, donate_argnums=0, out_shardings=(shardings, None))
-      compiled[with_gen] = compile_logged(jitted, f"sim iteration (generator={with_gen})", state, consts)
+      compiled[with_gen] = compile_logged(jitted, f"sim iteration (generator={with_gen})", state,
+                                          consts(step) if callable(consts) else consts)
     return compiled[with_gen]
 
   state, status = loop_lib.run_loop(
@@ -132,6 +141,22 @@ def train_sim(config, workdir, distillation: Distillation, checkpointer, writer,
       writer=writer, log_every=int(config.log_every), max_nonfinite_streak=int(config.max_nonfinite_streak),
       stage="sim", hooks=hooks, progress_keys=("fake_loss", "gen_loss"))
   return state, status, specs
+
+
+def windowed_consts(distillation: Distillation, consts, pool_specs):
+  """consts(step): `consts` with the prompt pool of step's window (distillation.cond_pool_window), placed
+  like the first window; the current window is kept on the devices until the next one starts."""
+  shardings = mesh_lib.specs_to_shardings(pool_specs, distillation.mesh)
+  every = max(1, int(distillation.pool_every))
+  current = {"window": 0, "consts": consts}
+
+  def at(step):
+    w = int(step) // every
+    if w != current["window"]:
+      pool = jax.device_put(distillation.cond_pool_window(w), shardings)
+      current.update(window=w, consts={**consts, "cond_pool": pool})
+    return current["consts"]
+  return at
 
 
 def mesh_of(tree):

@@ -208,7 +208,8 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
   """Runs steps until `num_steps`; returns (state, 'done' | 'preempted').
 
   step_fn(step) returns the compiled step for that step number (e.g. without the generator update
-  during a warm-up); hooks are (every, fn(step, state)) run after the step that reaches a multiple.
+  during a warm-up); consts are its frozen inputs, or consts(step) gives them (same shapes every step, e.g. a
+  window of streamed prompt embeddings that is a function of the step, so a resumed run replays); hooks are (every, fn(step, state)) run after the step that reaches a multiple.
 
   Guarantees that make a killed run resume exactly: every metrics row up to a step is written
   before that step's checkpoint starts, so cutting the log back to the restored step
@@ -279,7 +280,7 @@ def run_loop(*, state, step_fn: Callable[[int], Callable], consts, num_steps: in
       if not eta_base:  # the ETA's and the first rate's clock start after compilation
         eta_base.extend([time.time(), step])
         t_log, step_log = eta_base
-      state, metrics = compiled(state, consts)
+      state, metrics = compiled(state, consts(step) if callable(consts) else consts)
       step += 1
       watch.add(step, metrics.get("nonfinite_streak") if isinstance(metrics, dict) else None)
       arrived = watch.longest_arrived()

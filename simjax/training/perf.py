@@ -123,10 +123,12 @@ def configure_module(module, *, dtype=jnp.float32, remat_blocks: bool = False, l
   if _has_field(net, "dtype") and jnp.dtype(net.dtype) != jnp.dtype(dtype):
     changes["dtype"] = dtype
   if remat_blocks:
-    if not _has_field(net, "remat_blocks"):
-      raise UserError(f"perf.remat.{label}='blocks' needs a network with blocks (SongUNet), got "
+    # SongUNet's switch is remat_blocks, the transformer's remat (one per block either way).
+    field = next((f for f in ("remat_blocks", "remat") if _has_field(net, f)), None)
+    if field is None:
+      raise UserError(f"perf.remat.{label}='blocks' needs a network with blocks (SongUNet, the transformer), got "
                        f"{type(net).__name__}; use 'full' or 'none'.")
-    changes["remat_blocks"] = True
+    changes[field] = True
   if not changes:
     return module
   if net is module:  # a bare network, no preconditioner around it

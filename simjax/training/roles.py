@@ -1,7 +1,7 @@
 """How trainers call denoisers: a flax module plus its trainable 'params' and frozen extra collections."""
 import dataclasses
 import inspect
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -50,6 +50,17 @@ class DistillNetworks:
   data_shape: Tuple[int, ...]
   cond_space: CondSpace
   sigma_init: float
+  # A discrete-time teacher's trained noise levels (increasing): the losses' sigma are snapped to them, so
+  # x_t = x + sigma eps is noised at exactly the level the teacher reads it at. None: continuous sigma.
+  sigma_grid: Optional[Tuple[float, ...]] = None
+
+  def snap_sigma(self, sigma):
+    """sigma, or the nearest level of `sigma_grid`."""
+    if self.sigma_grid is None:
+      return sigma
+    from simjax.networks.discrete_vp import nearest_timestep  # pylint: disable=import-outside-toplevel
+    grid = jnp.asarray(self.sigma_grid, jnp.float32)
+    return grid[nearest_timestep(sigma, grid)]
 
   @property
   def label_dim(self) -> int:

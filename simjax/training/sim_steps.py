@@ -54,6 +54,9 @@ def constrain_batch(tree, mesh):
 # consts key of the real samples the discriminator sees ({'x': [M, ...], 'cond': [M, label_dim] or None}); drawn
 # from in the iteration, outside shard_map, so it never enters the per-device step.
 REAL = "real"
+# consts key of the null condition the guided teacher contrasts with (one row, no batch axis: a text
+# teacher's null caption); absent: zeros.
+NULL_COND = "null_cond"
 # When the discriminator is trained, for the refusals that name it.
 DISCRIMINATOR_USE = "adversarial.weight > 0, or loss.name='uni_instruct' with loss.f other than reverse_kl"
 
@@ -128,6 +131,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   regression_weight, _ = regression.settings(config)
 
   sigma_data = float(config.sigma_data)
+  fake_on_grid = fake_noise_on_grid(config, nets)
 
   def fake_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real, adversarial_on):
     del adversarial_on
@@ -154,7 +158,8 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
                                     rng=jax.random.fold_in(rng, k), return_logits=discriminate)
       out = fake(x_g + s * eps, cond, augment_labels, 1)
       denoised, logits_fake = out if discriminate else (out, None)
-      dsm_loss = jnp.mean(dsm.edm_dsm_loss(denoised, x_g, sigma, sigma_data))
+      dsm_loss = jnp.mean(dsm.epsilon_loss(denoised, x_g, sigma) if fake_on_grid else
+                          dsm.edm_dsm_loss(denoised, x_g, sigma, sigma_data))
       metrics, total = {}, dsm_loss
       if discriminate:
         # SiDA: the real rows get the same noise levels and noise as the generated ones.
@@ -178,7 +183,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
     if opts.fuse_teacher_fake:
       pair = lambda tp, fp, x, s: perf_lib.paired_denoise(gen_nets.teacher.module, tp, {**consts["fake"], "params": fp},
                                                           x, s, cond)
-    teacher_guided = guidance.guided_teacher(gen_nets.teacher, guidance_weight)
+    teacher_guided = guidance.guided_teacher(gen_nets.teacher, guidance_weight, consts.get(NULL_COND))
     teacher_denoise, fake_denoise, denoise_pair = perf_lib.generator_step_denoisers(
         # The teacher, classifier-free guided where config.teacher.guidance != 1 (teachers/guidance.py).
         lambda p, x, s: teacher_guided(p, x, s, cond),
@@ -228,6 +233,18 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
   return StepGrads(fake=sharded(fake_local, specs["fake"]), generator=sharded(gen_local, specs["generator"]))
 
 
+def fake_noise_on_grid(config, nets: DistillNetworks) -> bool:
+  """config.fake_noise: 'lognormal' (EDM's P_mean / P_std draw and loss weight) or 'grid' (a discrete
+  teacher's own training: uniform trained timesteps, the epsilon loss); 'auto': 'grid' where the teacher
+  has a grid (nets.sigma_grid)."""
+  kind = str(config.get("fake_noise", "auto"))
+  if kind not in ("auto", "lognormal", "grid"):
+    raise UserError(f"fake_noise={kind!r}; use 'auto', 'lognormal' or 'grid'.")
+  if kind == "grid" and nets.sigma_grid is None:
+    raise UserError("fake_noise='grid' needs a discrete-time teacher (trained timesteps); set --config.fake_noise=lognormal.")
+  return kind == "grid" or (kind == "auto" and nets.sigma_grid is not None)
+
+
 def fake_augment_probability(config, nets: DistillNetworks) -> float:
   """config.fake_augment_p where the fake score takes EDM's 9 augmentation labels, else 0 (nothing to condition)."""
   p = float(config.get("fake_augment_p", 0.0) or 0.0)
@@ -267,6 +284,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
   discriminate = discriminator_needed(config, math.prod(nets.data_shape))
   adversarial_on = adversarial.settings(config)[0] > 0
   adversarial_start = adversarial.start_images(config)
+  fake_on_grid = fake_noise_on_grid(config, nets)
 
   def iteration(state: state_lib.TrainState, consts):
     key = jax.random.fold_in(base_key, state.step)
@@ -282,7 +300,10 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
         real = draw_real(jax.random.fold_in(k, 7), consts[REAL], batch, mesh)
         if real.get("cond") is not None:
           cond = real["cond"]  # SiDA generates the fake step's batch with the real batch's labels
-      sigma, eps = dsm.draw_dsm_noise(k_sigma, z.shape, float(config.fake_p_mean), float(config.fake_p_std))
+      if fake_on_grid:  # the fake score learns as its discrete teacher did
+        sigma, eps = dsm.draw_grid_noise(k_sigma, z.shape, nets.sigma_grid)
+      else:
+        sigma, eps = dsm.draw_dsm_noise(k_sigma, z.shape, float(config.fake_p_mean), float(config.fake_p_std))
       loss, grads, fake_metrics = step_grads.fake(params["generator"], params["fake"], consts, z, cond, sigma, eps,
                                                   k_rng, real)
       loss = inject_nonfinite(loss, state.step, config)
@@ -303,6 +324,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       z, cond = draw_generator_noise(k_noise, batch, nets, mesh, consts.get("cond_pool"))
       sigma = edm.sample_sigma_karras_uniform(k_sigma, (batch,), t_max, float(config.sigma_min),
                                              float(config.sigma_max), float(config.rho), t_min=t_min)
+      sigma = nets.snap_sigma(sigma)
       eps = jax.random.normal(k_eps, z.shape, jnp.float32)
       # SiDA adds its adversarial term once adversarial.start_images images have been drawn.
       started = (state.step.astype(jnp.float32) * batch >= adversarial_start).astype(jnp.float32)

@@ -1,0 +1,195 @@
+"""The text-to-image pipeline's trained teacher (teacher.kind == 'train', stage 1): on scikit-learn's digits,
+captions generated from the data (simjax.data.digit_captions), a byte-level tokenizer, and a small T5
+encoder trained jointly with a small PixArt-family transformer (epsilon loss, caption dropout to the null
+caption), then frozen and exported as a user's PixArt and T5 files would be read:
+
+  teacher/final/          a converted transformer folder (transformer_checkpoints.save_converted) with the
+                          null caption (the encoder's output for '') beside its parameters;
+  teacher/text_encoder/   a transformers T5EncoderModel folder (t5_checkpoints.save_text_encoder).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from simjax import data as data_lib
+from simjax.errors import UserError
+from simjax.networks import t5 as t5_lib
+from simjax.parallel import mesh as mesh_lib
+from simjax.pipelines import common
+from simjax.teachers import transformer_checkpoints
+from simjax.text import t5_checkpoints
+from simjax.training import distill
+from simjax.training import loop as loop_lib
+from simjax.training import state as state_lib
+from simjax.training import text_teacher_steps
+from simjax.training.roles import Denoiser
+
+
+def teacher_dir(workdir):
+  return epath.Path(workdir) / "teacher"
+
+
+def final_dir(workdir):
+  return teacher_dir(workdir) / "final"
+
+
+def encoder_dir(workdir):
+  return teacher_dir(workdir) / "text_encoder"
+
+
+def validate(config, mesh):
+  if config.data.name != "digits":
+    raise UserError(f"teacher.kind='train' trains the embedded text-to-image teacher on digits; got data.name="
+                    f"{config.data.name!r}: set --config.data.name=digits, or teacher.kind='checkpoint' with a PixArt teacher.")
+  if not 0.0 < float(config.data.holdout_fraction) < 1.0:
+    raise UserError(f"data.holdout_fraction must lie in (0, 1), got {config.data.holdout_fraction}; "
+                    "set --config.data.holdout_fraction (e.g. 0.2).")
+  if config.text.encoder != "train":
+    raise UserError("teacher.kind='train' trains its text encoder with it: set --config.text.encoder=train.")
+  tt = config.teacher_train
+  for name in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
+    if int(tt[name]) < 1:
+      raise UserError(f"teacher_train.{name} must be >= 1, got {tt[name]}; set --config.teacher_train.{name}.")
+  if int(config.captions.per_image) < 1 or int(config.captions.eval_per_image) < 1:
+    raise UserError("captions.per_image and captions.eval_per_image must be >= 1; set --config.captions.*.")
+  common.validate_ema(tt, "teacher_train.")
+  state_lib.make_optimizer(tt.optim)
+  mesh_lib.check_batch_divisible(int(tt.batch_size), mesh, "teacher_train.batch_size")
+  try:
+    encoder_arch(config)
+    jax.eval_shape(lambda: init_networks(config, jax.random.key(0)))
+  except (TypeError, ValueError) as e:
+    raise UserError(f"teacher.arch / text.encoder_arch: {str(e).splitlines()[0]}; fix the sizes in the config.") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions
+
+@functools.lru_cache(maxsize=4)
+def _caption_sets(holdout_fraction: float, split_seed: int, per_image: int, eval_per_image: int, seed: int):
+  from simjax.data import digit_captions, digits  # pylint: disable=import-outside-toplevel
+  train, held = digits.load_digits_splits(holdout_fraction, split_seed)
+  thresholds = digit_captions.AttributeThresholds.fit(train.x, train.labels)
+  out = {"thresholds": thresholds}
+  for name, split, phrasing, n in (("train", train, "train", per_image), ("eval", held, "eval", eval_per_image)):
+    thickness, slant = thresholds.label(split.x, split.labels)
+    per = digit_captions.make_captions(split.labels, thickness, slant, split=phrasing, per_image=n, seed=seed)
+    out[name] = [c for caps in per for c in caps]
+    out[name + "_image"] = np.asarray([i for i, caps in enumerate(per) for _ in caps], np.int32)
+  return out
+
+
+def caption_sets(config):
+  """{'train': [Caption], 'train_image': [M] image index, 'eval': held-out phrasings of held-out images,
+  'eval_image', 'thresholds'}: deterministic in the config."""
+  c = config.captions
+  return _caption_sets(float(config.data.holdout_fraction), int(config.data.split_seed), int(c.per_image),
+                       int(c.eval_per_image), int(c.seed))
+
+
+def training_prompts(config):
+  return [c.text for c in caption_sets(config)["train"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+
+def encoder_arch(config):
+  from simjax.text.tokenizers import load_tokenizer  # pylint: disable=import-outside-toplevel
+  arch = dict(config.text.encoder_arch.to_dict())
+  arch["vocab_size"] = int(load_tokenizer(config.text.tokenizer).vocab_size)
+  return {k: arch[k] for k in t5_checkpoints.CONFIG_DEFAULTS}
+
+
+def teacher_arch(config):
+  shape = data_lib.data_shape(config)
+  if shape[0] != shape[1]:
+    raise ValueError(f"the trained teacher makes square images; data.shape is {shape}")
+  arch = dict(config.teacher.arch.to_dict())
+  arch.update(sample_size=shape[0], in_channels=shape[2], out_channels=shape[2], adaln="single",
+              caption_channels=int(config.text.encoder_arch.d_model), pixels_per_latent=1)
+  return arch
+
+
+def schedule(config):
+  return dict(config.teacher.schedule.to_dict())
+
+
+def init_networks(config, key):
+  """{'denoiser': the DiscreteVPPrecond's params, 'encoder': T5's} at step 0."""
+  length, shape = int(config.text.max_length), data_lib.data_shape(config)
+  module = transformer_checkpoints.build_teacher_module(teacher_arch(config), schedule(config))
+  encoder = t5_lib.T5Encoder(**encoder_arch(config))
+  k_d, k_e = jax.random.split(key)
+  d_model = int(config.text.encoder_arch.d_model)
+  cond = {"emb": jnp.zeros((1, length, d_model)), "mask": jnp.ones((1, length))}
+  denoiser = module.init(k_d, jnp.zeros((1,) + shape), jnp.ones((1,)), cond)["params"]
+  enc = encoder.init(k_e, jnp.zeros((1, length), jnp.int32), jnp.ones((1, length)))["params"]
+  return {"denoiser": denoiser, "encoder": enc}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def train(config, workdir, mesh):
+  """Trains tokenizer-fed T5 + transformer together (resumable); exports both EMAs. Returns the status."""
+  if (final_dir(workdir) / "arch.json").exists() and (encoder_dir(workdir) / "config.json").exists():
+    return "done"
+  from simjax.text.tokenizers import load_tokenizer  # pylint: disable=import-outside-toplevel
+  tt = config.teacher_train
+  arch, sched = teacher_arch(config), schedule(config)
+  module = transformer_checkpoints.build_teacher_module(arch, sched)
+  encoder = t5_lib.T5Encoder(**encoder_arch(config))
+  sets = caption_sets(config)
+  train_split, _ = data_lib.load_splits(config)
+  tokenizer = load_tokenizer(config.text.tokenizer)
+  length = int(config.text.max_length)
+  ids, mask = tokenizer([c.text for c in sets["train"]], length)
+  null_ids, null_mask = tokenizer([""], length)
+  optimizer = state_lib.make_optimizer(tt.optim)
+  optimizers = {k: optimizer for k in text_teacher_steps.NETWORKS}
+  checkpointer, writer = common.open_stage(config, workdir, stage="teacher/checkpoints",
+                                           metrics_file="teacher/metrics.jsonl", interval=int(tt.checkpoint_every),
+                                           name="teacher")
+  try:
+    teacher_dir(workdir).mkdir(parents=True, exist_ok=True)
+    state, shardings, specs = distill.setup_state(
+        optimizers, config, mesh, checkpointer, init_fn=lambda: jax.jit(lambda k: init_networks(config, k))(
+            jax.random.key(int(tt.seed))), ema_names=text_teacher_steps.NETWORKS)
+    consts = jax.device_put({"data": train_split.x, "caption_image": sets["train_image"], "tokens": ids,
+                             "token_mask": mask, "null_tokens": null_ids[0], "null_mask": null_mask[0], "extra": {}},
+                            mesh_lib.replicated(mesh))
+    step = text_teacher_steps.make_text_teacher_step(
+        Denoiser(module), encoder, _step_config(config), mesh, specs.params, optimizers, sigmas=module.sigmas,
+        num_captions=len(sets["train"]))
+    compiled = distill.compile_logged(jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)),
+                                      "text teacher step", state, consts)
+    state, status = loop_lib.run_loop(
+        state=state, step_fn=lambda _: compiled, consts=consts, num_steps=int(tt.num_steps),
+        checkpointer=checkpointer, writer=writer, log_every=int(tt.log_every),
+        max_nonfinite_streak=int(config.max_nonfinite_streak), stage="teacher", progress_keys=("loss",))
+  finally:
+    checkpointer.close()
+  if status == "done" and jax.process_index() == 0:
+    ema = jax.device_get(state.ema)
+    null = text_teacher_steps.null_caption(encoder, ema["encoder"], jnp.asarray(null_ids[0]),
+                                           jnp.asarray(null_mask[0], jnp.float32))
+    t5_checkpoints.save_text_encoder(encoder_dir(workdir), encoder_arch(config), ema["encoder"])
+    if final_dir(workdir).exists():  # an export interrupted before the encoder's: written again whole
+      final_dir(workdir).rmtree()
+    transformer_checkpoints.save_converted(final_dir(workdir), arch, sched, {"params": ema["denoiser"]["model"]},
+                                           null_caption=np.asarray(null))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("simjax text teacher export")
+  return status
+
+
+def _step_config(config):
+  tt = config.teacher_train.to_dict()
+  tt.update(debug=config.debug.to_dict())
+  return ml_collections.ConfigDict(tt)
