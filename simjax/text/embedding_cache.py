@@ -341,7 +341,8 @@ def _to_stored(x: np.ndarray, dtype: str, out) -> np.ndarray:
     return x
   if dtype == "bfloat16":
     return x.astype(ml_dtypes.bfloat16).view(np.uint16)
-  y = x.astype(np.float16)
+  with np.errstate(over="ignore"):
+    y = x.astype(np.float16)
   if not np.isfinite(y).all():
     raise UserError(f"embeddings reach {np.abs(x).max():.4g}, beyond float16's 65504; build with "
                     f"dtype='bfloat16' or 'float32' (into another out_dir, or delete {out}).")
@@ -477,6 +478,13 @@ def _shard_problem(out, k: int, manifest: dict, prompts) -> str:
   return ""
 
 
+def _incomplete(out, missing: List[int], n: int) -> UserError:
+  more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+  shown = ", ".join(shard_name(k, n) for k in missing[:5]) + more
+  return UserError(f"the embedding cache {out} is incomplete: {len(missing)} of {n} shards missing ({shown}); "
+                   "rerun the embedding step to finish it.")
+
+
 def load_cache(out_dir, shards: Optional[Sequence[int]] = None):
   """(cond, prompts) of `shards` (default: all) in that order: cond = {'emb': float32 [M, L, D], 'mask':
   float32 [M, L]}, prompts the M texts. UserError if a shard is missing or unreadable."""
@@ -489,9 +497,7 @@ def load_cache(out_dir, shards: Optional[Sequence[int]] = None):
     raise UserError(f"shards {bad} are not in the cache {out}, which has shards 0..{n - 1}.")
   missing = _missing_shards(out, manifest, sorted(set(shards)))
   if missing:
-    shown = ", ".join(shard_name(k, n) for k in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    raise UserError(f"the embedding cache {out} is incomplete: {len(missing)} of {n} shards missing ({shown}); "
-                    "rerun the embedding step to finish it.")
+    raise _incomplete(out, missing, n)
   rows = sum(_shard_rows(manifest, k) for k in shards)
   emb = np.empty((rows, manifest["max_length"], manifest["text_dim"]), np.float32)
   mask = np.empty((rows, manifest["max_length"]), np.float32)
@@ -536,8 +542,7 @@ class CacheWindows:
       raise UserError(f"seed={seed!r}: the window order needs a non-negative integer seed.")
     missing = _missing_shards(self.out_dir, self.manifest, range(n))
     if missing:
-      raise UserError(f"the embedding cache {out_dir} is incomplete: shards {missing[:5]}{'...' if len(missing) > 5 else ''} "
-                      f"of {n} are missing; rerun the embedding step to finish it.")
+      raise _incomplete(self.out_dir, missing, n)
     self.shards_per_window, self.seed = int(spw), int(seed)
     self.num_windows_per_epoch = math.ceil(n / spw)
     self.rows_per_window = min(spw * self.manifest["shard_size"], self.manifest["num_prompts"])
