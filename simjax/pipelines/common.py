@@ -1,5 +1,6 @@
 """What every pipeline does around its stages: checkpoints and metrics for a stage, shared checks."""
 import math
+import time
 
 from etils import epath
 
@@ -112,3 +113,33 @@ def validate_eval(config):
       _positive_int(ev, name, "eval.", minimum)
   if "every" in ev and int(ev.every) < 0:
     raise UserError(f"eval.every must be >= 0 (0 = off), got {ev.every}; set --config.eval.every.")
+
+
+def distill_and_evaluate(config, workdir, distillation, mode, *, make_hooks, export, evaluate, timings):
+  """The SIM stage and the evaluation every distilling pipeline runs: train (train_and_eval, train) with
+  make_hooks()'s hooks, then export(state), or restore the run (eval); then evaluate(state) -> the
+  eval/final.json dict (train_and_eval, eval), `timings` added to its generator row. Returns the status."""
+  from simjax.eval import report  # pylint: disable=import-outside-toplevel
+  from simjax.training import distill  # pylint: disable=import-outside-toplevel
+  checkpointer, writer = open_stage(config, workdir)
+  try:
+    t0 = time.time()
+    if mode in ("train_and_eval", "train"):
+      state, status, _ = distill.train_sim(config, workdir, distillation, checkpointer, writer, hooks=make_hooks())
+      if status != "done":
+        return status
+      export(state)
+    else:
+      if not checkpointer.steps():
+        raise UserError(f"no SIM checkpoint in {workdir}; run --mode=train_and_eval first.")
+      state, _, _ = distill.restore_or_init(distillation, config, checkpointer)
+    timings["sim_train_seconds"] = time.time() - t0
+  finally:
+    checkpointer.close()
+  if mode in ("train_and_eval", "eval"):
+    t0 = time.time()
+    results = evaluate(state)
+    timings["eval_seconds"] = time.time() - t0
+    results["generator"].update(timings)
+    report.write_final(workdir, results)
+  return "done"

@@ -146,27 +146,9 @@ def run(config, workdir, mode="train_and_eval"):
     if mode == "train_teacher":
       return "done"
   distillation = build_distillation(config, workdir, mesh)
-  checkpointer, writer = common.open_stage(config, workdir)
-  try:
-    t0 = time.time()
-    if mode in ("train_and_eval", "train"):
-      hooks = [(int(config.grid_every), grid_hook(config, workdir, distillation)),
-               (int(config.eval.every), image_eval.periodic_eval_hook(config, workdir, distillation))]
-      state, status, _ = distill.train_sim(config, workdir, distillation, checkpointer, writer, hooks=hooks)
-      if status != "done":
-        return status
-      export_generator(workdir, distillation, state, config)
-    else:
-      if not checkpointer.steps():
-        raise UserError(f"no SIM checkpoint in {workdir}; run --mode=train_and_eval first.")
-      state, _, _ = distill.restore_or_init(distillation, config, checkpointer)
-    timings["sim_train_seconds"] = time.time() - t0
-  finally:
-    checkpointer.close()
-  if mode in ("train_and_eval", "eval"):
-    t0 = time.time()
-    results = image_eval.evaluate(config, workdir, distillation, state)
-    timings["eval_seconds"] = time.time() - t0
-    results["generator"].update(timings)
-    report.write_final(workdir, results)
-  return "done"
+  return common.distill_and_evaluate(
+      config, workdir, distillation, mode, timings=timings,
+      make_hooks=lambda: [(int(config.grid_every), grid_hook(config, workdir, distillation)),
+                          (int(config.eval.every), image_eval.periodic_eval_hook(config, workdir, distillation))],
+      export=lambda state: export_generator(workdir, distillation, state, config),
+      evaluate=lambda state: image_eval.evaluate(config, workdir, distillation, state))

@@ -16,7 +16,6 @@ and the teacher's guidance sweep (eval.guidance_sweep) under 'guidance_sweep'. W
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 

@@ -318,29 +318,12 @@ def run(config, workdir, mode="train_and_eval"):
   cache = build_embeddings(config, workdir)
   timings["embedding_seconds"] = time.time() - t0
   distillation = build_distillation(config, workdir, mesh, cache)
-  checkpointer, writer = common.open_stage(config, workdir)
-  try:
-    t0 = time.time()
-    if mode in ("train_and_eval", "train"):
-      shown = grid_prompts(config, embedding_cache.load_cache(str(cache), shards=[0])[1])
-      encoder = PromptEncoder(config, workdir)
-      hooks = [(int(config.grid_every), grid_hook(config, workdir, distillation, shown, encoder))]
-      del encoder
-      state, status, _ = distill.train_sim(config, workdir, distillation, checkpointer, writer, hooks=hooks)
-      if status != "done":
-        return status
-      export_generator(workdir, distillation, state, config)
-    else:
-      if not checkpointer.steps():
-        raise UserError(f"no SIM checkpoint in {workdir}; run --mode=train_and_eval first.")
-      state, _, _ = distill.restore_or_init(distillation, config, checkpointer)
-    timings["sim_train_seconds"] = time.time() - t0
-  finally:
-    checkpointer.close()
-  if mode in ("train_and_eval", "eval"):
-    t0 = time.time()
-    results = text_eval.evaluate(config, workdir, distillation, state, PromptEncoder(config, workdir))
-    timings["eval_seconds"] = time.time() - t0
-    results["generator"].update(timings)
-    report.write_final(workdir, results)
-  return "done"
+
+  def make_hooks():
+    shown = grid_prompts(config, embedding_cache.load_cache(str(cache), shards=[0])[1])
+    # The grid's prompts are encoded once, here; the encoder is not kept while distilling.
+    return [(int(config.grid_every), grid_hook(config, workdir, distillation, shown, PromptEncoder(config, workdir)))]
+  return common.distill_and_evaluate(
+      config, workdir, distillation, mode, timings=timings, make_hooks=make_hooks,
+      export=lambda state: export_generator(workdir, distillation, state, config),
+      evaluate=lambda state: text_eval.evaluate(config, workdir, distillation, state, PromptEncoder(config, workdir)))
