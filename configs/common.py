@@ -219,7 +219,8 @@ def text_to_image_config():
   tt.log_every = 200
   tt.checkpoint_every = 1000
 
-  c.captions = ml_collections.ConfigDict(dict(per_image=8, eval_per_image=1, seed=0))  # digits only
+  # digits only; distractors: the fraction of training captions given made-up words (digit_captions.py)
+  c.captions = ml_collections.ConfigDict(dict(per_image=8, eval_per_image=1, seed=0, distractors=0.0))
 
   c.loss.huber_c_per_dim = 0.3
   c.loss.huber_c = 0.0

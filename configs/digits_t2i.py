@@ -21,6 +21,10 @@ def get_config(arg=None):
   c.data.name = "digits"
   c.data.shape = (8, 8, 1)
 
+  # Half the training captions get made-up words: held-out phrasings then scored 0.796 (teacher and generator)
+  # and the teacher's FD 6.4, against 0.774 and 16.2 without (README, "Measured on the digits").
+  c.captions.distractors = 0.5
+
   c.text.tokenizer = "byte"
   c.text.encoder = "train"
   c.text.max_length = 48

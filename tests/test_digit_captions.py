@@ -94,3 +94,30 @@ def test_articles_and_parsing():
   assert dc._fix_articles("a 8 and a eight and a one") == "an 8 and an eight and a one"  # pylint: disable=protected-access
   assert dc.parse_digit("a thick seven leaning left") == 7 and dc.parse_digit("the number 4") == 4
   assert dc.parse_digit("a picture") is None and dc.parse_digit("3 or four") is None
+
+
+def test_distractors_add_made_up_words_that_name_no_digit_or_attribute(digits):
+  train, held, th = digits
+  t, s = th.label(train.x, train.labels)
+  plain = dc.make_captions(train.labels, t, s, split="train", per_image=4, seed=0)
+  noisy = dc.make_captions(train.labels, t, s, split="train", per_image=4, seed=0, distractors=0.5)
+  assert plain == dc.make_captions(train.labels, t, s, split="train", per_image=4, seed=0, distractors=0.0)
+  known = {w for text, _, _ in dc.TRAIN_TEMPLATES.values() for w in text.split(" ")} | set(dc.WORDS)
+  known |= {w for table in (dc.THICKNESS_WORDS, dc.SLANT_WORDS) for pair in table.values() for g in pair
+            for phrase in g for w in phrase.split(" ")}
+  with_extra = 0
+  for label, caps in zip(train.labels, noisy):
+    for c in caps:
+      assert dc.parse_digit(c.text) == label == c.digit, c
+      extra = [w.strip(",:") for w in c.text.split(" ") if w.strip(",:") not in known and not w.strip(",").isdigit()
+               and w not in ("an",)]
+      assert len(extra) <= 2, c
+      for w in extra:  # made up: no digit name, no attribute word (held-out synonyms included) inside it
+        assert not any(r in w for r in dc.WORDS + tuple(dc.eval_only_words()) + ("thick", "thin", "bold")), (w, c)
+      with_extra += bool(extra)
+  frac = with_extra / (4 * len(train.labels))
+  assert 0.4 < frac < 0.6, frac
+  # Evaluation captions never get distractors.
+  te, se = th.label(held.x, held.labels)
+  assert dc.make_captions(held.labels, te, se, split="eval", per_image=1, seed=0, distractors=0.5) == \
+      dc.make_captions(held.labels, te, se, split="eval", per_image=1, seed=0)

@@ -133,10 +133,14 @@ def _fix_articles(text: str) -> str:
   return _ARTICLE.sub(r"\1n ", text)
 
 
-def make_captions(labels, thickness, slant, *, split: str, per_image: int, seed: int) -> List[List[Caption]]:
+def make_captions(labels, thickness, slant, *, split: str, per_image: int, seed: int,
+                  distractors: float = 0.0) -> List[List[Caption]]:
   """per_image captions for each image (deterministic in seed): train phrasings for split='train', the
   held-out ones for 'eval'; each names the image's digit (word or numeral at random) and only attributes
-  the image has (templates needing an attribute are drawn only for images that have it)."""
+  the image has (templates needing an attribute are drawn only for images that have it).
+
+  distractors (train only): the fraction of captions given one or two made-up words at random places, so
+  the encoder learns to read the digit past words it has never seen, as the held-out phrasings' are."""
   if split not in ("train", "eval"):
     raise ValueError(f"split={split!r}; use 'train' or 'eval'.")
   templates = TRAIN_TEMPLATES if split == "train" else EVAL_TEMPLATES
@@ -152,10 +156,31 @@ def make_captions(labels, thickness, slant, *, split: str, per_image: int, seed:
       d = WORDS[digit] if rng.random() < 0.5 else str(int(digit))
       t = _pick(rng, THICKNESS_WORDS, thick, split) if needs_t else ""
       s = _pick(rng, SLANT_WORDS, sl, split) if needs_s else ""
-      caps.append(Caption(_fix_articles(text.format(d=d, t=t, s=s)), int(digit), thick if needs_t else "",
+      words = text.format(d=d, t=t, s=s).split(" ")
+      if split == "train" and distractors > 0 and rng.random() < distractors:
+        for _ in range(1 + int(rng.random() < 0.5)):
+          words.insert(int(rng.integers(len(words) + 1)), _made_up_word(rng))
+      caps.append(Caption(_fix_articles(" ".join(words)), int(digit), thick if needs_t else "",
                           sl if needs_s else "", name))
     out.append(caps)
   return out
+
+
+_LETTERS = np.asarray(list("abcdefghijklmnopqrstuvwxyz"))
+
+
+def _reserved():
+  """Words a made-up word must not contain: the digits' names and every attribute word (held-out ones too)."""
+  attrs = [w for table in (THICKNESS_WORDS, SLANT_WORDS) for pair in table.values() for group in pair for w in group]
+  return tuple(WORDS) + tuple(part for w in attrs for part in w.split(" ") if len(part) > 3)
+
+
+def _made_up_word(rng) -> str:
+  reserved = _reserved()
+  while True:
+    word = "".join(_LETTERS[rng.integers(26, size=int(rng.integers(2, 8)))])
+    if not any(r in word for r in reserved):
+      return word
 
 
 def _pick(rng, words, value, split):

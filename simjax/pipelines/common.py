@@ -30,6 +30,19 @@ def open_stage(config, workdir, stage: str = "checkpoints", metrics_file: str = 
   return checkpointer, writer
 
 
+def run_teacher_stage(config, step, state, shardings, consts, checkpointer, writer, name: str):
+  """Compiles a teacher's step (logged) and runs teacher_train.num_steps of it; returns (state, status)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from simjax.training import distill  # pylint: disable=import-outside-toplevel
+  tt = config.teacher_train
+  compiled = distill.compile_logged(jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)), name, state,
+                                    consts)
+  return loop_lib.run_loop(
+      state=state, step_fn=lambda _: compiled, consts=consts, num_steps=int(tt.num_steps),
+      checkpointer=checkpointer, writer=writer, log_every=int(tt.log_every),
+      max_nonfinite_streak=int(config.max_nonfinite_streak), stage="teacher", progress_keys=("loss",))
+
+
 def _positive(config, name, *, finite=True):
   """config[name] as a float > 0 (and finite unless finite=False), else a one-line error naming the flag."""
   value = float(config[name])

@@ -18,7 +18,6 @@ from simjax.parallel import mesh as mesh_lib
 from simjax.pipelines import common
 from simjax.teachers import edm_checkpoints
 from simjax.training import distill
-from simjax.training import loop as loop_lib
 from simjax.training import state as state_lib
 from simjax.training import teacher_steps
 from simjax.training.roles import Denoiser, split_variables
@@ -103,12 +102,8 @@ def train_teacher(config, workdir, mesh):
                              "shift": np.float32(0.0), "extra": {}}, mesh_lib.replicated(mesh))
     step = teacher_steps.make_teacher_step(denoiser, _teacher_step_config(config), mesh, specs.params["denoiser"],
                                            optimizer, label_dim=int(config.label_dim), num_examples=len(train.x))
-    compiled = distill.compile_logged(jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)),
-                                      "teacher step", state, consts)
-    state, status = loop_lib.run_loop(
-        state=state, step_fn=lambda _: compiled, consts=consts, num_steps=int(tt.num_steps),
-        checkpointer=checkpointer, writer=writer, log_every=int(tt.log_every),
-        max_nonfinite_streak=int(config.max_nonfinite_streak), stage="teacher", progress_keys=("loss",))
+    state, status = common.run_teacher_stage(config, step, state, shardings, consts, checkpointer, writer,
+                                             "teacher step")
   finally:
     checkpointer.close()
   if status == "done" and jax.process_index() == 0:

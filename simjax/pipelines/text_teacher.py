@@ -23,7 +23,6 @@ from simjax.pipelines import common
 from simjax.teachers import transformer_checkpoints
 from simjax.text import t5_checkpoints
 from simjax.training import distill
-from simjax.training import loop as loop_lib
 from simjax.training import state as state_lib
 from simjax.training import text_teacher_steps
 from simjax.training.roles import Denoiser
@@ -70,14 +69,16 @@ def validate(config, mesh):
 # Captions
 
 @functools.lru_cache(maxsize=4)
-def _caption_sets(holdout_fraction: float, split_seed: int, per_image: int, eval_per_image: int, seed: int):
+def _caption_sets(holdout_fraction: float, split_seed: int, per_image: int, eval_per_image: int, seed: int,
+                  distractors: float):
   from simjax.data import digit_captions, digits  # pylint: disable=import-outside-toplevel
   train, held = digits.load_digits_splits(holdout_fraction, split_seed)
   thresholds = digit_captions.AttributeThresholds.fit(train.x, train.labels)
   out = {"thresholds": thresholds}
   for name, split, phrasing, n in (("train", train, "train", per_image), ("eval", held, "eval", eval_per_image)):
     thickness, slant = thresholds.label(split.x, split.labels)
-    per = digit_captions.make_captions(split.labels, thickness, slant, split=phrasing, per_image=n, seed=seed)
+    per = digit_captions.make_captions(split.labels, thickness, slant, split=phrasing, per_image=n, seed=seed,
+                                       distractors=distractors)
     out[name] = [c for caps in per for c in caps]
     out[name + "_image"] = np.asarray([i for i, caps in enumerate(per) for _ in caps], np.int32)
   return out
@@ -88,7 +89,7 @@ def caption_sets(config):
   'eval_image', 'thresholds'}: deterministic in the config."""
   c = config.captions
   return _caption_sets(float(config.data.holdout_fraction), int(config.data.split_seed), int(c.per_image),
-                       int(c.eval_per_image), int(c.seed))
+                       int(c.eval_per_image), int(c.seed), float(c.get("distractors", 0.0)))
 
 
 def training_prompts(config):
@@ -166,12 +167,8 @@ def train(config, workdir, mesh):
     step = text_teacher_steps.make_text_teacher_step(
         Denoiser(module), encoder, _step_config(config), mesh, specs.params, optimizers, sigmas=module.sigmas,
         num_captions=len(sets["train"]))
-    compiled = distill.compile_logged(jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)),
-                                      "text teacher step", state, consts)
-    state, status = loop_lib.run_loop(
-        state=state, step_fn=lambda _: compiled, consts=consts, num_steps=int(tt.num_steps),
-        checkpointer=checkpointer, writer=writer, log_every=int(tt.log_every),
-        max_nonfinite_streak=int(config.max_nonfinite_streak), stage="teacher", progress_keys=("loss",))
+    state, status = common.run_teacher_stage(config, step, state, shardings, consts, checkpointer, writer,
+                                             "text teacher step")
   finally:
     checkpointer.close()
   if status == "done" and jax.process_index() == 0:

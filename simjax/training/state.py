@@ -82,6 +82,23 @@ def all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def teacher_update(state: TrainState, optimizers, grads, loss, batch: int, config):
+  """A teacher step's tail, shared by the image and text teachers: every network in `grads` updated by its
+  optimizer and EMA (config: ema_half_life_images, ema_rampup_ratio), the update kept only if the loss and
+  gradients are finite. Returns (new state, metrics)."""
+  decay = ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
+  params, opt_state, ema = {}, {}, {}
+  for k in grads:
+    params[k], opt_state[k] = apply_optimizer(optimizers[k], state.params[k], state.opt_state[k], grads[k])
+    ema[k] = ema_update(state.ema[k], params[k], decay)
+  candidate = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+  grad_norm = global_norm(grads)
+  ok = all_finite([loss, grad_norm])
+  new = guarded(state, candidate, ok)
+  return new, {"loss": loss, "grad_norm": grad_norm, "ema_decay": decay, "step_ok": ok.astype(jnp.int32),
+               "nonfinite_total": new.nonfinite["total"], "nonfinite_streak": new.nonfinite["streak"]}
+
+
 def guarded(state: TrainState, candidate: TrainState, ok: jax.Array) -> TrainState:
   """Keeps `candidate` if ok, else the old state with only the counters moved (and the step advanced).
 

@@ -50,16 +50,6 @@ def make_teacher_step(denoiser: Denoiser, config, mesh, specs, optimizer, *, lab
     loss, grads = fn(state.params["denoiser"], consts["extra"], x0, cond, constrain_batch(sigma, mesh),
                      constrain_batch(eps, mesh), k_rng)
     loss = inject_nonfinite(loss, state.step, config)
-    params, opt_state = state_lib.apply_optimizer(optimizer, state.params["denoiser"], state.opt_state["denoiser"],
-                                                  grads)
-    decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
-    ema = state_lib.ema_update(state.ema["denoiser"], params, decay)
-    candidate = state.replace(step=state.step + 1, params={"denoiser": params}, opt_state={"denoiser": opt_state},
-                              ema={"denoiser": ema})
-    grad_norm = state_lib.global_norm(grads)
-    ok = state_lib.all_finite([loss, grad_norm])
-    new = state_lib.guarded(state, candidate, ok)
-    return new, {"loss": loss, "grad_norm": grad_norm, "ema_decay": decay, "step_ok": ok.astype(jnp.int32),
-                 "nonfinite_total": new.nonfinite["total"], "nonfinite_streak": new.nonfinite["streak"]}
+    return state_lib.teacher_update(state, {"denoiser": optimizer}, {"denoiser": grads}, loss, batch, config)
 
   return step

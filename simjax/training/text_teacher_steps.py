@@ -76,16 +76,6 @@ def make_text_teacher_step(denoiser: Denoiser, encoder, config, mesh, specs, opt
     loss, grads = fn({k: state.params[k] for k in NETWORKS}, consts["extra"], x0, ids, mask, drop,
                      consts["null_tokens"], consts["null_mask"].astype(jnp.float32), sigma, eps, k_rng)
     loss = inject_nonfinite(loss, state.step, config)
-    params, opt_state, ema = {}, {}, {}
-    decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
-    for k in NETWORKS:
-      params[k], opt_state[k] = state_lib.apply_optimizer(optimizers[k], state.params[k], state.opt_state[k], grads[k])
-      ema[k] = state_lib.ema_update(state.ema[k], params[k], decay)
-    candidate = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
-    grad_norm = state_lib.global_norm(grads)
-    ok = state_lib.all_finite([loss, grad_norm])
-    new = state_lib.guarded(state, candidate, ok)
-    return new, {"loss": loss, "grad_norm": grad_norm, "ema_decay": decay, "step_ok": ok.astype(jnp.int32),
-                 "nonfinite_total": new.nonfinite["total"], "nonfinite_streak": new.nonfinite["streak"]}
+    return state_lib.teacher_update(state, optimizers, grads, loss, batch, config)
 
   return step
