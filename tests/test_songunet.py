@@ -140,8 +140,10 @@ def test_bad_inputs_give_one_line_errors():
   variables = param_shapes(module)
   with pytest.raises(ValueError, match="NHWC"):
     jax.eval_shape(module.apply, variables, jnp.zeros((1, 3, 8, 8)), 1.0)
-  with pytest.raises(ValueError, match="DhariwalUNet"):
-    build_precond({"img_resolution": 8, "img_channels": 3})
+  with pytest.raises(ValueError, match="model_type='UNet2D' is not supported"):
+    build_precond({"img_resolution": 8, "img_channels": 3, "model_type": "UNet2D"})
+  with pytest.raises(ValueError, match="DhariwalUNet arguments"):  # EDMPrecond's default network
+    build_precond({"img_resolution": 8, "img_channels": 3, "encoder_type": "skip"})
   with pytest.raises(ValueError, match="unknown"):
     build_precond(_tiny_arch(channels=3))
   with pytest.raises(ValueError, match="encoder_type"):

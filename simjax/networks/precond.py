@@ -1,16 +1,18 @@
-"""EDM's preconditioners (Karras et al. 2022, Table 1) wrapping a SongUNet, plus builders.
+"""EDM's preconditioners (Karras et al. 2022, Table 1) wrapping a SongUNet or DhariwalUNet, plus builders.
 
 Each preconditioner is a denoiser with simjax's interface
 `__call__(x, sigma, cond=None, augment_labels=None, train=False) -> D(x, sigma)` (float32,
-x's shape; with return_logits=True, (D, the SongUNet's encoder logits), SiDA's discriminator),
+x's shape; with return_logits=True, (D, the network's encoder logits), SiDA's discriminator),
 D(x) = c_skip x + c_out F(c_in x, c_noise); `cond` is None or one-hot class labels (EDM's
 `class_labels`; simjax.conditioning). The raw network is the attribute `model`, so
 parameter paths start with 'model' exactly like EDM's state dicts.
 
 Architectures are described by EDM-style kwargs dicts ("arch"): EDMPrecond/VPPrecond/VEPrecond
-constructor arguments merged with SongUNet's, plus `precond` (the class name; EDM pickles store it as
-the object's class, the fixtures as a key). `class_name` ('training.networks.EDMPrecond', EDM's
-training config) is accepted in its place. `use_fp16` is accepted and ignored (choose `dtype`).
+constructor arguments merged with the network's (SongUNet's or DhariwalUNet's, chosen by
+`model_type` as in EDM: EDMPrecond defaults to DhariwalUNet, VP/VE to SongUNet), plus `precond` (the
+class name; EDM pickles store it as the object's class, the fixtures as a key). `class_name`
+('training.networks.EDMPrecond', EDM's training config) is accepted in its place. `use_fp16` is
+accepted and ignored (choose `dtype`).
 """
 import math
 from typing import Any, Mapping
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simjax.diffusion.edm import SIGMA_DATA, edm_precondition, expand_to
+from simjax.networks.dhariwalunet import DhariwalUNet
 from simjax.networks.songunet import SongUNet
 
 Dtype = Any
@@ -137,6 +140,9 @@ _PRECOND_ARGS = {
 _SONGUNET_ARGS = ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
                   "attn_resolutions", "dropout", "label_dropout", "embedding_type", "channel_mult_noise",
                   "encoder_type", "decoder_type", "resample_filter", "fourier_freqs")
+_DHARIWALUNET_ARGS = ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
+                      "attn_resolutions", "dropout", "label_dropout")
+MODEL_TYPES = {"SongUNet": (SongUNet, _SONGUNET_ARGS), "DhariwalUNet": (DhariwalUNet, _DHARIWALUNET_ARGS)}
 _TUPLE_ARGS = ("channel_mult", "attn_resolutions", "resample_filter", "fourier_freqs")
 _IGNORED_ARGS = ("use_fp16",)  # EDM's CUDA fp16 switch; simjax takes `dtype` instead.
 
@@ -174,7 +180,7 @@ def precond_name_of(arch: Mapping[str, Any]) -> str:
 
 
 def build_precond(arch: Mapping[str, Any], *, dtype: Dtype = jnp.float32, precision=None) -> nn.Module:
-  """Builds preconditioner(SongUNet) from an EDM-style kwargs dict (fixture `config_json` or the
+  """Builds preconditioner(SongUNet or DhariwalUNet) from an EDM-style kwargs dict (fixture `config_json` or the
   `init_kwargs` of an EDM pickle with `precond` added). `dtype` is the network's compute dtype."""
   arch = dict(arch)
   precond = precond_name_of(arch)
@@ -182,21 +188,23 @@ def build_precond(arch: Mapping[str, Any], *, dtype: Dtype = jnp.float32, precis
   arch.pop("class_name", None)
   # EDM's own defaults: EDMPrecond wraps DhariwalUNet unless told otherwise; VP/VE wrap SongUNet.
   model_type = arch.pop("model_type", "DhariwalUNet" if precond == "EDMPrecond" else "SongUNet")
-  if model_type != "SongUNet":
-    raise ValueError(f"model_type={model_type!r} is not supported; simjax implements EDM's SongUNet (DDPM++/NCSN++).")
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"model_type={model_type!r} is not supported; simjax implements EDM's "
+                     f"{' and '.join(MODEL_TYPES)}.")
+  model_cls, model_args = MODEL_TYPES[model_type]
   for key in ("img_resolution", "img_channels"):
     if key not in arch:
       raise ValueError(f"architecture is missing {key!r}; add it to the arch dict (EDM's precond kwargs).")
   for key in _IGNORED_ARGS:
     arch.pop(key, None)
-  unknown = sorted(set(arch) - set(_PRECOND_ARGS[precond]) - set(_SONGUNET_ARGS) - {"img_resolution", "img_channels",
-                                                                                     "label_dim"})
+  unknown = sorted(set(arch) - set(_PRECOND_ARGS[precond]) - set(model_args) - {"img_resolution", "img_channels",
+                                                                                "label_dim"})
   if unknown:
-    raise ValueError(f"unknown {precond}/SongUNet arguments {unknown}; remove them from the arch dict.")
+    raise ValueError(f"unknown {precond}/{model_type} arguments {unknown}; remove them from the arch dict.")
   model_kwargs = {k: (tuple(arch[k]) if k in _TUPLE_ARGS and arch[k] is not None else arch[k])
-                  for k in _SONGUNET_ARGS if k in arch}
+                  for k in model_args if k in arch}
   label_dim = int(arch.get("label_dim", 0))
-  model = SongUNet(img_resolution=int(arch["img_resolution"]), in_channels=int(arch["img_channels"]),
+  model = model_cls(img_resolution=int(arch["img_resolution"]), in_channels=int(arch["img_channels"]),
                    out_channels=int(arch["img_channels"]), label_dim=label_dim, dtype=dtype, precision=precision,
                    **model_kwargs)
   precond_kwargs = {k: arch[k] for k in _PRECOND_ARGS[precond] if k in arch}

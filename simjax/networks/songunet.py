@@ -307,6 +307,7 @@ class UNetBlockConfig:
   channels_per_head: int = 64
   init_mode: str = "kaiming_normal"
   init_weight: float = 1.0
+  init_bias: float = 0.0  # bias gain of the non-zero-initialised layers (ADM: sqrt(1/3))
   init_zero_weight: float = 0.0
   init_attn_weight: Optional[float] = None  # None: same as init_weight.
   dtype: Dtype = jnp.float32
@@ -337,15 +338,17 @@ class UNetBlock(nn.Module):
   def __call__(self, x, emb, train: bool = False):
     cfg = self.config
     in_channels, out_channels = x.shape[-1], self.out_channels
-    conv = lambda name, out, kernel, gain, **kw: EDMConv2d(
-        out, kernel, init_mode=cfg.init_mode, init_weight=gain, resample_filter=cfg.resample_filter,
-        dtype=cfg.dtype, precision=cfg.precision, name=name, **kw)
+    conv = lambda name, out, kernel, gain, bias_gain=0.0, **kw: EDMConv2d(
+        out, kernel, init_mode=cfg.init_mode, init_weight=gain, init_bias=bias_gain,
+        resample_filter=cfg.resample_filter, dtype=cfg.dtype, precision=cfg.precision, name=name, **kw)
     norm = lambda name: EDMGroupNorm(eps=cfg.eps, dtype=cfg.dtype, name=name)
 
     orig = x
-    x = conv("conv0", out_channels, 3, cfg.init_weight, up=self.up, down=self.down)(nn.silu(norm("norm0")(x)))
+    x = conv("conv0", out_channels, 3, cfg.init_weight, cfg.init_bias, up=self.up,
+             down=self.down)(nn.silu(norm("norm0")(x)))
     params = EDMLinear(out_channels * (2 if cfg.adaptive_scale else 1), init_mode=cfg.init_mode,
-                       init_weight=cfg.init_weight, precision=cfg.precision, name="affine")(emb)
+                       init_weight=cfg.init_weight, init_bias=cfg.init_bias, precision=cfg.precision,
+                       name="affine")(emb)
     params = params[:, None, None, :].astype(x.dtype)
     if cfg.adaptive_scale:
       scale, shift = jnp.split(params, 2, axis=-1)
@@ -356,7 +359,7 @@ class UNetBlock(nn.Module):
 
     if out_channels != in_channels or self.up or self.down:
       kernel = 1 if (cfg.resample_proj or out_channels != in_channels) else 0
-      orig = conv("skip", out_channels, kernel, cfg.init_weight, up=self.up, down=self.down)(orig)
+      orig = conv("skip", out_channels, kernel, cfg.init_weight, cfg.init_bias, up=self.up, down=self.down)(orig)
     x = (x + orig.astype(x.dtype)) * cfg.skip_scale
 
     num_heads = 0
@@ -364,7 +367,7 @@ class UNetBlock(nn.Module):
       num_heads = cfg.num_heads if cfg.num_heads is not None else out_channels // cfg.channels_per_head
     if num_heads:
       attn_gain = cfg.init_attn_weight if cfg.init_attn_weight is not None else cfg.init_weight
-      qkv = conv("qkv", out_channels * 3, 1, attn_gain)(norm("norm2")(x))
+      qkv = conv("qkv", out_channels * 3, 1, attn_gain, cfg.init_bias)(norm("norm2")(x))
       n, h, w, c = x.shape
       # EDM reshapes the 3C channels as [heads, C/heads, 3]: q, k, v are interleaved channels.
       qkv = qkv.reshape(n, h * w, num_heads, c // num_heads, 3)

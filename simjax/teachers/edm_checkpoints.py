@@ -72,7 +72,7 @@ def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray])
   state = {str(k): np.asarray(v) for k, v in state.items()}
   used = set()
   module = build_precond(arch)
-  if module.model.embedding_type == "fourier":
+  if getattr(module.model, "embedding_type", None) == "fourier":
     if _FREQS_NAME not in state:
       raise ValueError(f"state dict is missing {_FREQS_NAME} (NCSN++'s Fourier frequencies); convert a complete EDM state dict.")
     arch["fourier_freqs"] = [float(v) for v in state[_FREQS_NAME].astype(np.float32).reshape(-1)]
