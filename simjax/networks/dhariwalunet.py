@@ -20,12 +20,11 @@ is flax `params['model']['enc']['64x64_block0']['conv0']['kernel']`, `model.out_
 from typing import Any, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from simjax.networks.songunet import (EDMConv2d, EDMGroupNorm, EDMLinear, LayerSpec, UNetBlockConfig, _block_class,
-                                      positional_embedding)
+                                      check_images, class_labels_of, positional_embedding)
 
 Dtype = Any
 Precision = Any
@@ -151,10 +150,7 @@ class DhariwalUNet(nn.Module):
     if self.img_resolution % (1 << (len(self.channel_mult) - 1)):
       raise ValueError(f"img_resolution {self.img_resolution} is not divisible by 2^{len(self.channel_mult) - 1}; "
                        "use fewer channel_mult levels or another resolution.")
-    expected = (self.img_resolution, self.img_resolution, self.in_channels)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-      raise ValueError(f"DhariwalUNet expects NHWC images [N, {expected[0]}, {expected[1]}, {expected[2]}], "
-                       f"got shape {tuple(x.shape)}; transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+    check_images("DhariwalUNet", x, self.img_resolution, self.in_channels)
     emb_channels = self.model_channels * self.channel_mult_emb
     linear = lambda features, name, **kw: EDMLinear(features, precision=self.precision, name=name, **kw)
     default = dict(init_mode="kaiming_uniform", init_weight=_INIT_GAIN, init_bias=_INIT_GAIN)
@@ -168,14 +164,7 @@ class DhariwalUNet(nn.Module):
     emb = nn.silu(linear(emb_channels, "map_layer0", **default)(emb))
     emb = linear(emb_channels, "map_layer1", **default)(emb)
     if self.label_dim:
-      if class_labels is None:
-        raise ValueError(f"this DhariwalUNet is class-conditional (label_dim={self.label_dim}); pass one-hot "
-                         "class_labels.")
-      labels = jnp.asarray(class_labels, jnp.float32)
-      if train and self.label_dropout:
-        # Classifier-free guidance: drop each sample's label with probability label_dropout.
-        keep = jax.random.uniform(self.make_rng("dropout"), (x.shape[0], 1)) >= self.label_dropout
-        labels = labels * keep.astype(labels.dtype)
+      labels = class_labels_of(self, "DhariwalUNet", class_labels, x.shape[0], train)
       emb = emb + linear(emb_channels, "map_label", use_bias=False, init_mode="kaiming_normal",
                          init_weight=float(np.sqrt(self.label_dim)))(labels)
     emb = nn.silu(emb)

@@ -380,6 +380,26 @@ class UNetBlock(nn.Module):
     return x
 
 
+def check_images(net: str, x, img_resolution: int, in_channels: int):
+  """EDM's UNets take NHWC [N, R, R, C]: anything else is refused with the fix."""
+  expected = (img_resolution, img_resolution, in_channels)
+  if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+    raise ValueError(f"{net} expects NHWC images [N, {expected[0]}, {expected[1]}, {expected[2]}], "
+                     f"got shape {tuple(x.shape)}; transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+
+
+def class_labels_of(module: nn.Module, net: str, class_labels, batch: int, train: bool):
+  """A class-conditional UNet's one-hot labels as float32, each dropped (zeroed) with probability
+  module.label_dropout in training (classifier-free guidance), from the 'dropout' rng."""
+  if class_labels is None:
+    raise ValueError(f"this {net} is class-conditional (label_dim={module.label_dim}); pass one-hot class_labels.")
+  labels = jnp.asarray(class_labels, jnp.float32)
+  if train and module.label_dropout:
+    keep = jax.random.uniform(module.make_rng("dropout"), (batch, 1)) >= module.label_dropout
+    labels = labels * keep.astype(labels.dtype)
+  return labels
+
+
 def positional_embedding(x, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
   """Transformer sinusoids of x [N] -> [N, num_channels] as [cos, sin] (EDM `PositionalEmbedding`)."""
   half = num_channels // 2
@@ -591,10 +611,7 @@ class SongUNet(nn.Module):
   def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train: bool = False,
                return_logits: bool = False):
     self._check()
-    expected = (self.img_resolution, self.img_resolution, self.in_channels)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-      raise ValueError(f"SongUNet expects NHWC images [N, {expected[0]}, {expected[1]}, {expected[2]}], "
-                       f"got shape {tuple(x.shape)}; transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+    check_images("SongUNet", x, self.img_resolution, self.in_channels)
     noise_channels = self.model_channels * self.channel_mult_noise
     emb_channels = self.model_channels * self.channel_mult_emb
     linear = lambda features, name, use_bias=True: EDMLinear(
@@ -609,13 +626,7 @@ class SongUNet(nn.Module):
       emb = fourier_embedding(noise_labels, freqs)
     emb = jnp.concatenate(jnp.split(emb, 2, axis=1)[::-1], axis=1)
     if self.label_dim:
-      if class_labels is None:
-        raise ValueError(f"this SongUNet is class-conditional (label_dim={self.label_dim}); pass one-hot class_labels.")
-      labels = jnp.asarray(class_labels, jnp.float32)
-      if train and self.label_dropout:
-        # Classifier-free guidance: drop each sample's label with probability label_dropout.
-        keep = jax.random.uniform(self.make_rng("dropout"), (x.shape[0], 1)) >= self.label_dropout
-        labels = labels * keep.astype(labels.dtype)
+      labels = class_labels_of(self, "SongUNet", class_labels, x.shape[0], train)
       emb = emb + linear(noise_channels, "map_label")(labels * np.sqrt(self.label_dim))
     if self.augment_dim and augment_labels is not None:
       emb = emb + linear(noise_channels, "map_augment", use_bias=False)(jnp.asarray(augment_labels, jnp.float32))
