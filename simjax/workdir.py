@@ -35,6 +35,7 @@ ADDED_KEYS = {
     "optim.fake.grad_value_clip": 0.0,
     "teacher_train.optim.grad_value_clip": 0.0,
     "fake_noise": "auto",               # EDM's lognormal draw for every continuous teacher, as before
+    "captions.distractors": 0.0,        # the digits' training captions as generated before the key
 }
 
 

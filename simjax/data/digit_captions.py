@@ -169,17 +169,15 @@ def make_captions(labels, thickness, slant, *, split: str, per_image: int, seed:
 _LETTERS = np.asarray(list("abcdefghijklmnopqrstuvwxyz"))
 
 
-def _reserved():
-  """Words a made-up word must not contain: the digits' names and every attribute word (held-out ones too)."""
-  attrs = [w for table in (THICKNESS_WORDS, SLANT_WORDS) for pair in table.values() for group in pair for w in group]
-  return tuple(WORDS) + tuple(part for w in attrs for part in w.split(" ") if len(part) > 3)
+# Words a made-up word must not contain: the digits' names and every attribute word (held-out ones too).
+_RESERVED = tuple(WORDS) + tuple(part for table in (THICKNESS_WORDS, SLANT_WORDS) for pair in table.values()
+                                 for group in pair for phrase in group for part in phrase.split(" ") if len(part) > 3)
 
 
 def _made_up_word(rng) -> str:
-  reserved = _reserved()
   while True:
     word = "".join(_LETTERS[rng.integers(26, size=int(rng.integers(2, 8)))])
-    if not any(r in word for r in reserved):
+    if not any(r in word for r in _RESERVED):
       return word
 
 

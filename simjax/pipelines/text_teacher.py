@@ -55,6 +55,9 @@ def validate(config, mesh):
       raise UserError(f"teacher_train.{name} must be >= 1, got {tt[name]}; set --config.teacher_train.{name}.")
   if int(config.captions.per_image) < 1 or int(config.captions.eval_per_image) < 1:
     raise UserError("captions.per_image and captions.eval_per_image must be >= 1; set --config.captions.*.")
+  if not 0.0 <= float(config.captions.distractors) <= 1.0:
+    raise UserError(f"captions.distractors is the fraction of training captions given made-up words and must lie in "
+                    f"[0, 1], got {config.captions.distractors}; set --config.captions.distractors (e.g. 0.5).")
   common.validate_ema(tt, "teacher_train.")
   state_lib.make_optimizer(tt.optim)
   mesh_lib.check_batch_divisible(int(tt.batch_size), mesh, "teacher_train.batch_size")
@@ -89,7 +92,7 @@ def caption_sets(config):
   'eval_image', 'thresholds'}: deterministic in the config."""
   c = config.captions
   return _caption_sets(float(config.data.holdout_fraction), int(config.data.split_seed), int(c.per_image),
-                       int(c.eval_per_image), int(c.seed), float(c.get("distractors", 0.0)))
+                       int(c.eval_per_image), int(c.seed), float(c.distractors))
 
 
 def training_prompts(config):
