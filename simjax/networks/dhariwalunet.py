@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from simjax.networks.songunet import (EDMConv2d, EDMGroupNorm, EDMLinear, LayerSpec, UNetBlockConfig, _block_class,
-                                      check_images, class_labels_of, positional_embedding)
+from simjax.networks.songunet import (EDMConv2d, EDMGroupNorm, EDMLinear, LayerSpec, UNetBlockConfig, UNetDecoder,
+                                      UNetEncoder, check_images, class_labels_of, positional_embedding)
 
 Dtype = Any
 Precision = Any
@@ -66,45 +66,6 @@ def dhariwal_unet_layout(img_resolution: int, in_channels: int, model_channels: 
   return tuple(enc), tuple(dec)
 
 
-class _DhariwalEncoder(nn.Module):
-  """EDM's `enc` ModuleDict: returns the bottleneck activation and every layer's output (the skips)."""
-  layers: Tuple[LayerSpec, ...]
-  block: UNetBlockConfig
-  remat_blocks: bool = False
-
-  @nn.compact
-  def __call__(self, x, emb, train):
-    cfg = self.block
-    skips = []
-    for spec in self.layers:
-      if spec.kind == "conv":
-        x = EDMConv2d(spec.out_channels, 3, init_mode=cfg.init_mode, init_weight=cfg.init_weight,
-                      init_bias=cfg.init_bias, dtype=cfg.dtype, precision=cfg.precision, name=spec.name)(x)
-      else:
-        x = _block_class(self.remat_blocks)(spec.out_channels, cfg, up=spec.up, down=spec.down,
-                                            attention=spec.attention, name=spec.name)(x, emb, train)
-      skips.append(x)
-    return x, skips
-
-
-class _DhariwalDecoder(nn.Module):
-  """EDM's `dec` ModuleDict: blocks that first concatenate the next skip, in EDM's order."""
-  layers: Tuple[LayerSpec, ...]
-  block: UNetBlockConfig
-  remat_blocks: bool = False
-
-  @nn.compact
-  def __call__(self, x, skips, emb, train):
-    cfg = self.block
-    skips = list(skips)
-    for spec in self.layers:
-      if spec.concat_skip:
-        x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
-      x = _block_class(self.remat_blocks)(spec.out_channels, cfg, up=spec.up, down=spec.down,
-                                          attention=spec.attention, name=spec.name)(x, emb, train)
-    return x
-
-
 class DhariwalUNet(nn.Module):
   """EDM's DhariwalUNet (ADM). Field names and defaults are EDM's constructor arguments (the defaults
   are EDM's ImageNet-64 network: 192 channels, [1, 2, 3, 4], 3 blocks, attention at 32, 16, 8).
@@ -132,7 +93,6 @@ class DhariwalUNet(nn.Module):
   remat_blocks: bool = False  # rematerialise each UNetBlock in the backward pass (memory for compute)
 
   resample_filter = (1, 1)  # EDM's UNetBlock default; a constant, not a constructor argument.
-  embedding_type = "positional"
 
   def block_config(self) -> UNetBlockConfig:
     """EDM DhariwalUNet's block_kwargs: UNetBlock's defaults (adaptive scale, skip_scale 1, eps 1e-5,
@@ -173,9 +133,9 @@ class DhariwalUNet(nn.Module):
         self.img_resolution, self.in_channels, self.model_channels, tuple(self.channel_mult), self.num_blocks,
         tuple(self.attn_resolutions))
     block = self.block_config()
-    x, skips = _DhariwalEncoder(enc_layers, block, self.remat_blocks, name="enc")(x.astype(self.dtype), emb, train)
+    x, skips = UNetEncoder(enc_layers, block, self.remat_blocks, name="enc")(x.astype(self.dtype), emb, train)
     bottleneck = x
-    x = _DhariwalDecoder(dec_layers, block, self.remat_blocks, name="dec")(x, skips, emb, train)
+    x, _ = UNetDecoder(dec_layers, block, self.remat_blocks, name="dec")(x, skips, emb, train)
     x = nn.silu(EDMGroupNorm(eps=1e-5, dtype=self.dtype, name="out_norm")(x))
     out = EDMConv2d(self.out_channels, 3, init_mode="kaiming_uniform", init_weight=0.0, dtype=self.dtype,
                     precision=self.precision, name="out_conv")(x)

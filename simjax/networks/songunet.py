@@ -491,8 +491,9 @@ def _block_class(remat: bool):
   return nn.remat(UNetBlock, static_argnums=(3,)) if remat else UNetBlock  # arg 3 = train (self is 0)
 
 
-class _SongUNetEncoder(nn.Module):
-  """EDM's `enc` ModuleDict: returns the bottleneck activation and the skip stack."""
+class UNetEncoder(nn.Module):
+  """EDM's `enc` ModuleDict (SongUNet's and DhariwalUNet's layouts): returns the bottleneck activation and
+  the skip stack."""
   layers: Tuple[LayerSpec, ...]
   block: UNetBlockConfig
   remat_blocks: bool = False
@@ -502,7 +503,8 @@ class _SongUNetEncoder(nn.Module):
     cfg = self.block
     conv = lambda spec, kernel, **kw: EDMConv2d(
         spec.out_channels, kernel, down=spec.down, resample_filter=cfg.resample_filter, init_mode=cfg.init_mode,
-        init_weight=cfg.init_weight, dtype=cfg.dtype, precision=cfg.precision, name=spec.name, **kw)
+        init_weight=cfg.init_weight, init_bias=cfg.init_bias, dtype=cfg.dtype, precision=cfg.precision,
+        name=spec.name, **kw)
     skips, aux = [], x
     for spec in self.layers:
       if spec.kind == "aux_down":
@@ -521,8 +523,10 @@ class _SongUNetEncoder(nn.Module):
     return x, skips
 
 
-class _SongUNetDecoder(nn.Module):
-  """EDM's `dec` ModuleDict: consumes the skip stack, accumulates the output in `aux`."""
+class UNetDecoder(nn.Module):
+  """EDM's `dec` ModuleDict (SongUNet's and DhariwalUNet's layouts): consumes the skip stack; returns the
+  last block's activation (DhariwalUNet's output path) and `aux`, the output SongUNet's aux layers
+  accumulate (None without them)."""
   layers: Tuple[LayerSpec, ...]
   block: UNetBlockConfig
   remat_blocks: bool = False
@@ -547,7 +551,7 @@ class _SongUNetDecoder(nn.Module):
           x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
         x = _block_class(self.remat_blocks)(spec.out_channels, cfg, up=spec.up, down=spec.down,
                                             attention=spec.attention, name=spec.name)(x, emb, train)
-    return aux
+    return x, aux
 
 
 class SongUNet(nn.Module):
@@ -637,8 +641,8 @@ class SongUNet(nn.Module):
         self.img_resolution, self.in_channels, self.out_channels, self.model_channels, tuple(self.channel_mult),
         self.num_blocks, tuple(self.attn_resolutions), self.encoder_type, self.decoder_type)
     block = self.block_config()
-    x, skips = _SongUNetEncoder(enc_layers, block, self.remat_blocks, name="enc")(x.astype(self.dtype), emb, train)
-    out = _SongUNetDecoder(dec_layers, block, self.remat_blocks, name="dec")(x, skips, emb, train)
+    x, skips = UNetEncoder(enc_layers, block, self.remat_blocks, name="enc")(x.astype(self.dtype), emb, train)
+    _, out = UNetDecoder(dec_layers, block, self.remat_blocks, name="dec")(x, skips, emb, train)
     if return_logits:
       return out, jnp.mean(x.astype(jnp.float32), axis=-1)
     return out
