@@ -5,6 +5,7 @@
   python benchmarks/sim_step.py --config=configs/cifar10.py --batch=128 --variant=f32 --variant=bf16   (GPU)
   python benchmarks/sim_step.py --config=configs/cifar10.py --memory --batch=8 --batch=32 --variant=f32 \
       --variant=remat_blocks --variant=remat_full                            # peak memory against batch
+  python benchmarks/sim_step.py --config=configs/imagenet64.py --batch=1 --iteration_only   # full size on a CPU
 
 The network is the config's teacher architecture (`teacher.arch`), with EDM-scaled random weights; the
 batch is the config's unless --batch is given. A variant is a set of `config.perf` switches (VARIANTS),
@@ -22,7 +23,8 @@ of this machine's dense-matmul peak, timed in the same rounds (in the compute dt
 matmuls run as TF32 by XLA's default precision, and so does the peak), and model-FLOPs utilisation
 against it; peak device memory from XLA's memory analysis and the process's peak resident host
 memory. `--memory` only compiles the generator step (where the three networks' activations meet)
-and reports its memory.
+and reports its memory. `--iteration_only` compiles and times the iteration alone (no parts, no matmul probe):
+the full-size networks of configs/imagenet64.py and configs/edm2_img512.py on a small machine.
 """
 import argparse
 import concurrent.futures
@@ -229,7 +231,7 @@ def case_header(path, config, variant, batch, params):
           "device": str(jax.devices()[0].device_kind), "params_per_network": precond_lib.count_params(params)}
 
 
-def run_case(path, batch, variant, repeats):
+def run_case(path, batch, variant, repeats, iteration_only=False):
   config = load_config(path)
   batch = batch or int(config.batch_size)
   config, nets, params, state, consts, specs, optimizers, mesh = build(config, batch, variant)
@@ -237,6 +239,8 @@ def run_case(path, batch, variant, repeats):
   make = lambda with_gen: jax.jit(sim_steps.make_sim_iteration(nets, config, mesh, specs, optimizers,
                                                                with_generator=with_gen), donate_argnums=0)
   full_c, full_compile, full_flops, full_xla_flops, full_peak = compile_stats(make(True), state, consts)
+  if iteration_only:
+    return dict(results, **iteration_timing(full_c, full_compile, full_flops, full_peak, state, consts, batch, repeats))
   fake_c, fake_compile, _, _, fake_peak = compile_stats(make(False), state, consts)
   # Donated: each call consumes its state, so the timed calls feed the result back in.
   holder = {"full": state, "fake": jax.tree.map(jnp.copy, state)}
@@ -280,6 +284,24 @@ def run_case(path, batch, variant, repeats):
   return results
 
 
+def iteration_timing(compiled, compile_seconds, flops, peak, state, consts, batch, repeats):
+  """Seconds per SIM iteration (median of `repeats` after one warm-up call), hours per Mimg, memory."""
+  state, _ = compiled(state, consts)  # warm-up
+  jax.block_until_ready(state)
+  seconds = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, _ = compiled(state, consts)
+    jax.block_until_ready(state)
+    seconds.append(time.perf_counter() - t0)
+  per_iteration = statistics.median(seconds)
+  return dict(compile_seconds=compile_seconds, ms_iteration=1e3 * per_iteration,
+              ms_iteration_range=[1e3 * min(seconds), 1e3 * max(seconds)], images_per_sec=batch / per_iteration,
+              hours_per_mimg=1e6 / (batch / per_iteration) / 3600, flops_per_iteration=flops,
+              achieved_flops_per_sec=flops / per_iteration, peak_memory_bytes=peak,
+              process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 def memory_case(path, batch, variant):
   """Peak memory of the generator step alone (compile only): what bounds the batch per chip."""
   config = load_config(path)
@@ -306,6 +328,7 @@ def main():
   ap.add_argument("--repeats", type=int, default=5, help="timed rounds (each times every function once)")
   ap.add_argument("--memory", action="store_true", help="only compile the generator step and report its memory")
   ap.add_argument("--quick", action="store_true", help="2 timed rounds")
+  ap.add_argument("--iteration_only", action="store_true", help="time the iteration alone (full-size networks)")
   ap.add_argument("--reuse_host_memory", choices=perf_lib.HOST_MEMORY_MODES, default="auto",
                   help="perf.reuse_host_memory for the whole process (auto: on for the CPU backend)")
   args = ap.parse_args()
@@ -320,7 +343,8 @@ def main():
   for path in paths:
     for batch in args.batch or [None]:
       for variant in variants:
-        row = memory_case(path, batch, variant) if args.memory else run_case(path, batch, variant, repeats)
+        row = (memory_case(path, batch, variant) if args.memory else
+               run_case(path, batch, variant, repeats, iteration_only=args.iteration_only))
         print(json.dumps(row), flush=True)
 
 

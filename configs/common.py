@@ -97,8 +97,8 @@ def image_config():
   c = shared_config("image")
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = ""
-  c.data.shape = (32, 32, 3)          # (R, R, C), NHWC
+  c.data.name = ""                    # digits | cifar10 | none (no data: FID against eval.fid_ref only)
+  c.data.shape = (32, 32, 3)          # (R, R, C), NHWC; a latent teacher's latent shape
   c.data.data_dir = ""                # tfds data dir (CIFAR-10)
   c.data.holdout_fraction = 0.2
   c.data.split_seed = 0
@@ -111,6 +111,9 @@ def image_config():
   # Classifier-free guidance weight w of a class-conditional teacher: D_null + w (D_c - D_null); 1 = none.
   # The generator and fake score stay conditional and unguided (simjax/teachers/guidance.py).
   c.teacher.guidance = 1.0
+  # A latent teacher (EDM2's ImageNet-512): the diffusers VAE folder its latents decode with, and the teacher
+  # checkpoint's latent normalisation (simjax/teachers/edm2_latents.py); '' = pixel space.
+  c.vae = ""
 
   # Teacher training (teacher.kind == 'train'): EDM's loss, Adam with warm-up, EMA half-life in images.
   tt = c.teacher_train = ml_collections.ConfigDict()
@@ -162,6 +165,7 @@ def image_config():
   c.sample.checkpoint = ""            # default: workdir/generator or the run's teacher
   c.sample.num = 1000
   c.sample.seed = 0
+  c.sample.classes = ()               # class-conditional: these classes in turn; () = uniformly drawn
   return c
 
 

@@ -5,7 +5,8 @@
 
 IN is an EDM network pickle (read without running code from it), or a `.pt/.pth/.npz` state dict
 whose architecture comes from `--arch`, an adjacent arch.json or the .npz's config_json. OUT_DIR
-receives arch.json + params/ (orbax); configs reference OUT_DIR by path and load it with
+receives arch.json + params/ (orbax), and for EDM2's latent networks latents.json (the latent
+normalisation of the pickle's encoder); configs reference OUT_DIR by path and load it with
 `simjax.load_teacher(OUT_DIR)`. Any error prints one line and exits with status 2, writing nothing.
 """
 import argparse
@@ -31,12 +32,14 @@ def main(argv=None) -> int:
   # Heavy imports after argument parsing so that `--help` is instant.
   from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
   from simjax.networks.precond import count_params  # pylint: disable=import-outside-toplevel
+  from simjax.teachers import edm2_latents  # pylint: disable=import-outside-toplevel
 
   try:
     out_dir = Path(args.out_dir)
     edm_checkpoints.check_output_dir(out_dir)  # before the (slow) read: a taken OUT_DIR fails at once
     arch, variables = edm_checkpoints.read_edm_checkpoint(args.input, arch=args.arch)
-    edm_checkpoints.save_converted(out_dir, arch, variables)
+    latents = edm2_latents.read_latent_normalization(args.input)  # EDM2's latent networks only
+    edm_checkpoints.save_converted(out_dir, arch, variables, latents=latents)
   except (ValueError, OSError) as e:
     message = " ".join(str(e).split())  # one line, whatever the exception text holds
     print(f"convert_edm: error: {message}", file=sys.stderr)

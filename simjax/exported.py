@@ -2,8 +2,8 @@
 (`simjax.load_generator`).
 
 A run writes WORKDIR/generator/: arch.json, params/ (the EMA generator: an EDM network, or a converted
-transformer) and generator.json (sigma_init, the step; for text-to-image runs `text`: the condition's
-shape and the tokenizer and T5 encoder that make it). `load_generator` reads it back; `Generator.sample`
+transformer) and generator.json (sigma_init, the step, `latent` for a latent teacher's run; for
+text-to-image runs `text`: the condition's shape and the tokenizer and T5 encoder that make it). `load_generator` reads it back; `Generator.sample`
 draws images in the data's layout and range, the same images `--mode=sample` writes for the same seed
 and batch size; a text generator takes `prompts=` (encoded with its own tokenizer and encoder) or `cond=`.
 """
@@ -45,6 +45,7 @@ class Generator:
   step: int
   path: str
   text: Optional[dict] = None  # text-to-image: {'length', 'dim', 'tokenizer', 'encoder', 'max_length'}
+  latent: bool = False  # samples are a latent teacher's latents: returned as they are, not clipped to [-1, 1]
   _samplers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # compiled once per batch
 
   @property
@@ -73,7 +74,8 @@ class Generator:
 
   def sample(self, num: int, seed: int = 0, cond=None, *, prompts=None, batch_size: Optional[int] = None,
              return_labels: bool = False, mesh=None, describe: str = ""):
-    """`num` images [num, H, W, C], float32 in [-1, 1] (clipped), deterministic in (seed, batch_size).
+    """`num` images [num, H, W, C], float32 in [-1, 1] (clipped; a latent generator's latents unclipped),
+    deterministic in (seed, batch_size).
 
     cond: None (conditions drawn: uniform random classes when class-conditional), integer classes
     [num], one-hot [num, label_dim], or a text condition {'emb', 'mask'} of num rows (simjax.conditioning). The latents depend on the seed only, so one seed with other classes changes only
@@ -96,7 +98,7 @@ class Generator:
                              sampling.replicate(self.params, mesh))
     sampler, params = self._samplers[key]
     out = sampler(params, int(num), int(seed), describe, cond=cond)
-    x = np.clip(out.x, -1.0, 1.0)
+    x = out.x if self.latent else np.clip(out.x, -1.0, 1.0)
     return (x, out.cond) if return_labels else x
 
 
@@ -133,4 +135,4 @@ def load_generator(path) -> Generator:
                          data_shape=(network.img_resolution, network.img_resolution, network.img_channels),
                          cond_space=space, sigma_init=float(info["sigma_init"]))
   return Generator(nets=nets, params=jax.device_get(params), extra=extra, step=int(info.get("step", 0)),
-                   path=str(folder), text=text)
+                   path=str(folder), text=text, latent=bool(info.get("latent", False)))

@@ -13,7 +13,9 @@ Anything else raises `UnsafePickleError` naming the refused global.
 
 Formats: torch.save zip archives (`<root>/data.pkl` + `<root>/data/<key>`), torch's legacy
 non-zip format (also what `pickle.dumps(tensor)` embeds via `_load_from_bytes`), `.npz`, and EDM
-network pickles (`dict(ema=EDMPrecond(...), ...)`, NVlabs/edm `training/training_loop.py`).
+network pickles (`dict(ema=EDMPrecond(...), ...)`, NVlabs/edm `training/training_loop.py`) and EDM2's
+(`EasyDict(ema=Precond(...), encoder=..., ...)`, the training snapshots and the post-hoc EMA
+reconstructions of NVlabs/edm2 alike).
 """
 import collections
 import io
@@ -33,7 +35,9 @@ except ImportError:  # pragma: no cover
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001
-_PRECOND_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
+# EDM's preconditioner classes, and EDM2's (`training.networks_edm2.Precond`) under simjax's name for it.
+_PRECOND_CLASSES = {"EDMPrecond": "EDMPrecond", "VPPrecond": "VPPrecond", "VEPrecond": "VEPrecond",
+                    "iDDPMPrecond": "iDDPMPrecond", "Precond": "EDM2Precond"}
 
 
 class UnsafePickleError(ValueError):
@@ -414,13 +418,8 @@ def module_state_dict(obj, prefix: str = "") -> Dict[str, np.ndarray]:
   return out
 
 
-def load_edm_pickle(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
-  """(precond_kwargs, state) of the EMA network in an EDM network pickle, without executing it.
-
-  precond_kwargs are the network's recorded constructor kwargs (EDM persistence `init_kwargs`)
-  plus `precond` = its class name ('EDMPrecond', ...); state is its state_dict with EDM's names
-  (`model.enc.32x32_conv.weight`, ...) as numpy arrays.
-  """
+def _load_network_pickle(path):
+  """The top-level dict of an EDM / EDM2 network pickle, read through the restricted unpickler."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no such file: {path}")
@@ -434,6 +433,18 @@ def load_edm_pickle(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
   if not (isinstance(data, dict) and "ema" in data):
     raise ValueError(f"{path} is not an EDM network pickle: expected a dict with key 'ema' "
                      f"(found {type(data).__name__})")
+  return data
+
+
+def load_edm_pickle(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+  """(precond_kwargs, state) of the EMA network in an EDM or EDM2 network pickle, without executing it.
+
+  precond_kwargs are the network's recorded constructor kwargs (EDM persistence `init_kwargs`)
+  plus `precond` = its class name ('EDMPrecond', ...; EDM2's `Precond` as 'EDM2Precond'); state is its
+  state_dict with EDM's names (`model.enc.32x32_conv.weight`, ...) as numpy arrays, in the file's dtype
+  (EDM2 saves float16).
+  """
+  data = _load_network_pickle(path)
   ema = data["ema"]
   if not (isinstance(ema, PersistentObject) and ema.class_name in _PRECOND_CLASSES):
     raise ValueError(f"{path}: 'ema' is not an EDM preconditioned network (found {ema!r})")
@@ -442,8 +453,28 @@ def load_edm_pickle(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     raise ValueError(f"{path}: the EMA network has no recorded init_kwargs; it was not saved by EDM's persistence")
   if ema.state.get("_init_args"):
     raise ValueError(f"{path}: the EMA network was built with positional arguments; simjax needs keyword init_kwargs")
-  kwargs = {"precond": ema.class_name, **_plain(init_kwargs)}
+  kwargs = {"precond": _PRECOND_CLASSES[ema.class_name], **_plain(init_kwargs)}
   return kwargs, module_state_dict(ema)
+
+
+def load_edm_pickle_encoder(path) -> Dict[str, Any]:
+  """The pixel <-> network-space encoder recorded in an EDM2 network pickle (NVlabs/edm2 training/encoders.py),
+  as plain values: {'class_name': 'StabilityVAEEncoder', 'vae_name', 'scale' [C], 'bias' [C]} for latent
+  networks, {'class_name': 'StandardRGBEncoder'} for pixel ones; {} when the pickle has none (EDM's)."""
+  encoder = _load_network_pickle(path).get("encoder")
+  if encoder is None:
+    return {}
+  if not isinstance(encoder, PersistentObject):
+    raise ValueError(f"{path}: its 'encoder' is not an EDM2 encoder record (found {type(encoder).__name__})")
+  out = {"class_name": encoder.class_name}
+  if encoder.class_name == "StabilityVAEEncoder":
+    for key in ("scale", "bias"):
+      value = np.asarray(encoder.state.get(key), np.float64)
+      if value.ndim != 1 or not value.size or not np.all(np.isfinite(value)):
+        raise ValueError(f"{path}: the StabilityVAEEncoder's {key} is not a finite per-channel vector")
+      out[key] = [float(v) for v in value]
+    out["vae_name"] = str(encoder.state.get("vae_name", ""))
+  return out
 
 
 def _plain(value):

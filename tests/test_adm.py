@@ -167,3 +167,34 @@ def test_label_dropout_and_bad_inputs():
     jax.eval_shape(net.apply, variables, jnp.zeros((2, 3, 8, 8)), noise, labels)
   with pytest.raises(ValueError, match="class_labels"):
     jax.eval_shape(net.apply, variables, x, noise)
+
+
+def test_imagenet64_config_has_sids_settings_and_validates_with_an_adm_pickle(tmp_path):
+  """configs/imagenet64.py: SiD's ImageNet-64 settings; it validates against an EDM-format ADM pickle (no data
+  set: FID against statistics by path) and refuses to start without the statistics."""
+  from simjax import config_files  # pylint: disable=import-outside-toplevel
+  from simjax.errors import UserError  # pylint: disable=import-outside-toplevel
+  from simjax.pipelines import image  # pylint: disable=import-outside-toplevel
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  config = config_files.load(REPO / "configs" / "imagenet64.py").get_config()
+  assert (config.batch_size, config.optim.generator.lr, config.optim.fake.lr) == (8192, 4e-6, 4e-6)
+  assert (config.optim.generator.b1, config.ema_half_life_images, config.loss.t_max, config.sigma_init) == (
+      0.0, 2e6, 0.8, 2.5)
+  assert abs(config.num_steps * config.batch_size - 500e6) < config.batch_size  # SiD's --duration 500 (Mimg)
+  assert count_params(param_shapes(build_precond(image.image_teacher.teacher_arch_from_config(config)))) == (
+      IMAGENET64_PARAMS)
+  model_config, state, _ = _load_fixture()
+  path = tmp_path / "edm-imagenet-tiny-cond-adm.pkl"
+  path.write_bytes(_crafted_edm_pickle(model_config, state, tmp_path / "marker"))
+  (tmp_path / "ref.npz").write_bytes(b"")
+  config.teacher.checkpoint, config.data.shape, config.label_dim = str(path), (8, 8, 3), 10
+  config.eval.batch_size = 8
+  with pytest.raises(UserError, match="eval.fid_ref"):
+    image.validate(config, "train")
+  config.eval.fid_ref = str(tmp_path / "ref.npz")
+  image.validate(config, "train")
+  with pytest.raises(UserError, match="Inception weights not found"):
+    image.validate(config, "train_and_eval")
+  config.sample.classes = (3, 10)
+  with pytest.raises(UserError, match=r"sample.classes=\(3, 10\)"):
+    image.validate(config, "sample")

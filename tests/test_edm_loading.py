@@ -30,7 +30,7 @@ from conftest import FIXTURES  # tests/fixtures, in the repository
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_NAMES = ["edm_ddpmpp_tiny_uncond", "edm_ddpmpp_tiny_cond", "edm_ncsnpp_tiny_uncond"]
-_BUFFERS = ("resample_filter", "freqs")
+_BUFFERS = ("resample_filter", "freqs", "phases")
 HIGHEST = jax.lax.Precision.HIGHEST  # parity within 1e-4 also on GPUs, whose float32 default is TF32
 
 
@@ -83,6 +83,14 @@ class NewObj:
     self.cls, self.state = cls, state
 
 
+class NewDict:
+  """Pickles as NEWOBJ cls() + SETITEMS: how pickle writes a dict subclass such as dnnlib.EasyDict (EDM2's
+  network pickles)."""
+
+  def __init__(self, cls, items):
+    self.cls, self.items = cls, dict(items)
+
+
 class StorageRef:
   """Pickles as the persistent id torch writes for a storage."""
 
@@ -104,6 +112,11 @@ class _CraftingPickler(pickle._Pickler):  # pylint: disable=protected-access
       self.write(pickle.NEWOBJ)
       self.save(obj.state)
       self.write(pickle.BUILD)
+    elif isinstance(obj, NewDict):
+      self.save(obj.cls)
+      self.save(())
+      self.write(pickle.NEWOBJ)
+      self._batch_setitems(iter(obj.items.items()))
     else:
       super().save(obj, save_persistent_id)
 
@@ -131,7 +144,7 @@ def _legacy_storage_bytes(flat: np.ndarray, inner_payload=None) -> bytes:
 
 
 def _crafted_tensor(array: np.ndarray, parameter: bool):
-  array = np.ascontiguousarray(array)
+  array = np.array(array, order="C")  # not ascontiguousarray: it turns a 0-d tensor (EDM2's gains) into 1-d
   storage = Call(Global("torch.storage", "_load_from_bytes"), _legacy_storage_bytes(array.reshape(-1)))
   strides = tuple(s // array.itemsize for s in array.strides)
   tensor = Call(Global("torch._utils", "_rebuild_tensor_v2"), storage, 0, tuple(array.shape), strides, False,

@@ -235,10 +235,10 @@ def test_fast_resampling_equals_edm_conv_definition(resample_filter, size):
   """The slice/reshape resampling (no grouped or dilated convolutions) equals EDM's depthwise
   conv2d / conv_transpose2d for both filters, up and down, every padding SongUNet uses (fused: 0,
   plain: (K-1)//2), odd sizes included (the [1,1] 2x2-block fast path needs even sizes)."""
-  from simjax.networks.songunet import _downsample, _upsample
+  from simjax.networks.songunet import downsample_2x, upsample_2x
   x = np.random.default_rng(0).standard_normal((2,) + size + (3,)).astype(np.float32)
   for padding in sorted({0, (len(resample_filter) - 1) // 2}):
-    for up, resample in ((True, _upsample), (False, _downsample)):
+    for up, resample in ((True, upsample_2x), (False, downsample_2x)):
       out = jax.jit(lambda v: resample(v, resample_filter, padding))(x)
       expected = _reference_resample(x, resample_filter, up, padding)
       assert out.shape == expected.shape, (up, padding)

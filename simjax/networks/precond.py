@@ -1,15 +1,17 @@
-"""EDM's preconditioners (Karras et al. 2022, Table 1) wrapping a SongUNet or DhariwalUNet, plus builders.
+"""EDM's preconditioners (Karras et al. 2022, Table 1) wrapping a SongUNet or DhariwalUNet, EDM2's
+(Karras et al. 2024) wrapping its EDM2UNet, plus builders.
 
 Each preconditioner is a denoiser with simjax's interface
 `__call__(x, sigma, cond=None, augment_labels=None, train=False) -> D(x, sigma)` (float32,
 x's shape; with return_logits=True, (D, the network's encoder logits), SiDA's discriminator),
 D(x) = c_skip x + c_out F(c_in x, c_noise); `cond` is None or one-hot class labels (EDM's
 `class_labels`; simjax.conditioning). The raw network is the attribute `model`, so
-parameter paths start with 'model' exactly like EDM's state dicts.
+parameter paths start with 'model' exactly like EDM's state dicts (EDM2's: `unet`, its name there).
 
 Architectures are described by EDM-style kwargs dicts ("arch"): EDMPrecond/VPPrecond/VEPrecond
 constructor arguments merged with the network's (SongUNet's or DhariwalUNet's, chosen by
-`model_type` as in EDM: EDMPrecond defaults to DhariwalUNet, VP/VE to SongUNet), plus `precond` (the
+`model_type` as in EDM: EDMPrecond defaults to DhariwalUNet, VP/VE to SongUNet, EDM2Precond takes
+EDM2UNet), plus `precond` (the
 class name; EDM pickles store it as the object's class, the fixtures as a key). `class_name`
 ('training.networks.EDMPrecond', EDM's training config) is accepted in its place. `use_fp16` is
 accepted and ignored (choose `dtype`).
@@ -25,6 +27,7 @@ import numpy as np
 
 from simjax.diffusion.edm import SIGMA_DATA, edm_precondition, expand_to
 from simjax.networks.dhariwalunet import DhariwalUNet
+from simjax.networks.edm2 import EDM2UNet, MPConv, fourier_buffers, mp_fourier
 from simjax.networks.songunet import SongUNet
 
 Dtype = Any
@@ -131,22 +134,77 @@ class VEPrecond(nn.Module):
                     class_labels, augment_labels, train, return_logits)
 
 
-PRECONDITIONERS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
+class EDM2Precond(nn.Module):
+  """EDM2's preconditioner (NVlabs/edm2 `Precond`): EDM's coefficients around an EDM2UNet, plus the
+  uncertainty head logvar(sigma) = MPConv(MPFourier(c_noise)) (EDM2 Eq. 21), returned with
+  return_logvar=True as (D, logvar [N, 1, 1, 1]). The network is the attribute `unet` (EDM2's name, so
+  parameter paths start with 'unet'); `model` is the same network, simjax's name for it."""
+  unet: nn.Module
+  img_resolution: int
+  img_channels: int
+  label_dim: int = 0
+  sigma_data: float = SIGMA_DATA
+  logvar_channels: int = 128
+  logvar_fourier_freqs: Any = None  # EDM2 buffer logvar_fourier.freqs; None: a deterministic draw
+  logvar_fourier_phases: Any = None  # EDM2 buffer logvar_fourier.phases
+  sigma_min: float = 0.0
+  sigma_max: float = math.inf
+
+  NETWORK_FIELD = "unet"
+
+  @property
+  def model(self):
+    return self.unet
+
+  @nn.compact
+  def __call__(self, x, sigma, cond=None, augment_labels=None, train=False, return_logits=False,
+               return_logvar=False):
+    x, sigma, class_labels = _prepare_inputs(x, sigma, cond, self.label_dim)
+    c = edm_precondition(sigma, self.sigma_data)
+    out = _denoise(self.unet, x, c.c_skip, c.c_out, c.c_in, c.c_noise, class_labels, augment_labels, train,
+                   return_logits)
+    # Always built, so that every checkpoint tensor has its parameter; XLA drops it when unused.
+    buffers = fourier_buffers(self.logvar_fourier_freqs, self.logvar_fourier_phases, self.logvar_channels, seed=1,
+                              what="EDM2Precond's uncertainty head")
+    logvar = MPConv(1, 0, jnp.float32, getattr(self.unet, "precision", None), name="logvar_linear")(
+        mp_fourier(c.c_noise, buffers.freqs, buffers.phases))
+    if return_logvar:
+      return out, logvar.reshape(-1, 1, 1, 1)
+    return out
+
+
+PRECONDITIONERS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond,
+                   "EDM2Precond": EDM2Precond}
 _PRECOND_ARGS = {
     "EDMPrecond": ("sigma_min", "sigma_max", "sigma_data"),
     "VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t"),
     "VEPrecond": ("sigma_min", "sigma_max"),
+    "EDM2Precond": ("sigma_data", "logvar_channels", "logvar_fourier_freqs", "logvar_fourier_phases"),
 }
 _SONGUNET_ARGS = ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
                   "attn_resolutions", "dropout", "label_dropout", "embedding_type", "channel_mult_noise",
                   "encoder_type", "decoder_type", "resample_filter", "fourier_freqs")
 _DHARIWALUNET_ARGS = ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
                       "attn_resolutions", "dropout", "label_dropout")
-MODEL_TYPES = {"SongUNet": (SongUNet, _SONGUNET_ARGS), "DhariwalUNet": (DhariwalUNet, _DHARIWALUNET_ARGS)}
-_TUPLE_ARGS = ("channel_mult", "attn_resolutions", "resample_filter", "fourier_freqs")
+_EDM2UNET_ARGS = ("model_channels", "channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks",
+                  "attn_resolutions", "label_balance", "concat_balance", "resample_filter", "channels_per_head",
+                  "dropout", "res_balance", "attn_balance", "clip_act", "label_dropout", "emb_fourier_freqs",
+                  "emb_fourier_phases")
+MODEL_TYPES = {"SongUNet": (SongUNet, _SONGUNET_ARGS), "DhariwalUNet": (DhariwalUNet, _DHARIWALUNET_ARGS),
+               "EDM2UNet": (EDM2UNet, _EDM2UNET_ARGS)}
+# The network each preconditioner wraps by default (EDM's: EDMPrecond -> DhariwalUNet, VP/VE -> SongUNet),
+# and the networks it may wrap.
+_DEFAULT_MODEL = {"EDMPrecond": "DhariwalUNet", "VPPrecond": "SongUNet", "VEPrecond": "SongUNet",
+                  "EDM2Precond": "EDM2UNet"}
+_ALLOWED_MODELS = {"EDMPrecond": ("SongUNet", "DhariwalUNet"), "VPPrecond": ("SongUNet", "DhariwalUNet"),
+                   "VEPrecond": ("SongUNet", "DhariwalUNet"), "EDM2Precond": ("EDM2UNet",)}
+_TUPLE_ARGS = ("channel_mult", "attn_resolutions", "resample_filter", "fourier_freqs", "emb_fourier_freqs",
+               "emb_fourier_phases", "logvar_fourier_freqs", "logvar_fourier_phases")
 _IGNORED_ARGS = ("use_fp16",)  # EDM's CUDA fp16 switch; simjax takes `dtype` instead.
 
-# EDM's train.py presets (--arch=ddpmpp / ncsnpp) at CIFAR-10 settings (augment_dim 9, dropout 0.13).
+# EDM's train.py presets (--arch=ddpmpp / ncsnpp at CIFAR-10 settings: augment_dim 9, dropout 0.13; --arch=adm
+# as EDM's ImageNet-64 run: --augment=0, dropout 0.1) and EDM2's train_edm2.py presets (edm2-img512-*/img64-*:
+# model_channels and dropout; the rest at EDM2's defaults).
 EDM_PRESETS = {
     "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
                    decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
@@ -154,18 +212,33 @@ EDM_PRESETS = {
     "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual",
                    decoder_type="standard", channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
                    channel_mult=[2, 2, 2]),
+    "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], augment_dim=0, dropout=0.1),
+    **{f"edm2-{size}": dict(precond="EDM2Precond", model_channels=channels, dropout=dropout)
+       for size, channels, dropout in [("xxs", 64, 0.0), ("xs", 128, 0.0), ("s", 192, 0.0), ("m", 256, 0.1),
+                                       ("l", 320, 0.1), ("xl", 384, 0.1), ("xxl", 448, 0.1)]},
 }
+_EDM_PRESET_DEFAULTS = dict(precond="EDMPrecond", augment_dim=9, dropout=0.13)  # EDM's CIFAR-10 settings
 
 
 def edm_preset_arch(name: str = "ddpmpp", *, img_resolution: int = 32, img_channels: int = 3, label_dim: int = 0,
-                    augment_dim: int = 9, dropout: float = 0.13, precond: str = "EDMPrecond", **overrides) -> dict:
-  """An arch dict for EDM's `--arch` preset `name` (CIFAR-10 defaults); overrides win."""
+                    **overrides) -> dict:
+  """An arch dict for EDM's `--arch` preset or EDM2's preset `name`; overrides win."""
   if name not in EDM_PRESETS:
-    raise ValueError(f"unknown EDM preset {name!r}; use one of {sorted(EDM_PRESETS)}.")
-  arch = dict(precond=precond, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-              augment_dim=augment_dim, dropout=dropout, **EDM_PRESETS[name])
+    raise ValueError(f"unknown preset {name!r}; use one of {sorted(EDM_PRESETS)}.")
+  arch = dict(_EDM_PRESET_DEFAULTS, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim)
+  if EDM_PRESETS[name].get("precond") == "EDM2Precond":
+    del arch["augment_dim"]  # EDM2 has no augmentation conditioning
+  arch.update(EDM_PRESETS[name])
   arch.update(overrides)
   return arch
+
+
+def _precond_of(model_type: str) -> str:
+  return next(p for p, models in _ALLOWED_MODELS.items() if model_type in models)
+
+
+# EDM2's preconditioner class is called plain `Precond` (training.networks_edm2.Precond).
+PRECOND_ALIASES = {"Precond": "EDM2Precond"}
 
 
 def precond_name_of(arch: Mapping[str, Any]) -> str:
@@ -173,7 +246,7 @@ def precond_name_of(arch: Mapping[str, Any]) -> str:
   name = arch.get("precond")
   if name is None and "class_name" in arch:
     name = str(arch["class_name"]).rsplit(".", 1)[-1]
-  name = name or "EDMPrecond"
+  name = PRECOND_ALIASES.get(name, name or "EDMPrecond")
   if name not in PRECONDITIONERS:
     raise ValueError(f"preconditioner {name!r} is not supported; use one of {sorted(PRECONDITIONERS)}.")
   return name
@@ -186,11 +259,13 @@ def build_precond(arch: Mapping[str, Any], *, dtype: Dtype = jnp.float32, precis
   precond = precond_name_of(arch)
   arch.pop("precond", None)
   arch.pop("class_name", None)
-  # EDM's own defaults: EDMPrecond wraps DhariwalUNet unless told otherwise; VP/VE wrap SongUNet.
-  model_type = arch.pop("model_type", "DhariwalUNet" if precond == "EDMPrecond" else "SongUNet")
+  model_type = arch.pop("model_type", _DEFAULT_MODEL[precond])
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"model_type={model_type!r} is not supported; simjax implements EDM's "
-                     f"{' and '.join(MODEL_TYPES)}.")
+    raise ValueError(f"model_type={model_type!r} is not supported; simjax implements "
+                     f"{', '.join(MODEL_TYPES)}.")
+  if model_type not in _ALLOWED_MODELS[precond]:
+    raise ValueError(f"{precond} does not wrap {model_type}; use model_type "
+                     f"{' or '.join(_ALLOWED_MODELS[precond])} (or precond {_precond_of(model_type)}).")
   model_cls, model_args = MODEL_TYPES[model_type]
   for key in ("img_resolution", "img_channels"):
     if key not in arch:
@@ -207,8 +282,10 @@ def build_precond(arch: Mapping[str, Any], *, dtype: Dtype = jnp.float32, precis
   model = model_cls(img_resolution=int(arch["img_resolution"]), in_channels=int(arch["img_channels"]),
                    out_channels=int(arch["img_channels"]), label_dim=label_dim, dtype=dtype, precision=precision,
                    **model_kwargs)
-  precond_kwargs = {k: arch[k] for k in _PRECOND_ARGS[precond] if k in arch}
-  return PRECONDITIONERS[precond](model=model, img_resolution=int(arch["img_resolution"]),
+  precond_kwargs = {k: (tuple(arch[k]) if k in _TUPLE_ARGS and arch[k] is not None else arch[k])
+                    for k in _PRECOND_ARGS[precond] if k in arch}
+  network_field = getattr(PRECONDITIONERS[precond], "NETWORK_FIELD", "model")
+  return PRECONDITIONERS[precond](**{network_field: model}, img_resolution=int(arch["img_resolution"]),
                                   img_channels=int(arch["img_channels"]), label_dim=label_dim, **precond_kwargs)
 
 

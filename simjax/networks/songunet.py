@@ -72,7 +72,7 @@ def resample_kernel_2d(resample_filter: Sequence[float]) -> np.ndarray:
   return np.outer(f, f) / np.square(f.sum())
 
 
-def _conv(x, w, *, padding=0, precision=None):
+def conv_nhwc(x, w, *, padding=0, precision=None):
   """NHWC x HWIO stride-1 convolution with symmetric integer padding (torch.nn.functional.conv2d)."""
   return jax.lax.conv_general_dilated(
       x, w, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
@@ -145,7 +145,7 @@ def _is_box_2x(resample_filter, padding, x=None):
   return box and (x is None or (x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0))
 
 
-def _upsample(x, resample_filter, padding):
+def upsample_2x(x, resample_filter, padding):
   """torch conv_transpose2d(x, 4 outer(f, f), groups=C, stride=2, padding) with f = filter / sum.
 
   The 2-D filter is separable, 4 outer(f, f) = outer(2 f, 2 f), so it is two 1-D passes over H and
@@ -161,7 +161,7 @@ def _upsample(x, resample_filter, padding):
   return _upsample_axis(y, taps, padding, axis=2).astype(x.dtype)
 
 
-def _downsample(x, resample_filter, padding):
+def downsample_2x(x, resample_filter, padding):
   """torch conv2d(x, outer(f, f), groups=C, stride=2, padding) with f = filter / sum: filtered 2x
   decimation as two separable 1-D passes; for [1, 1] exactly the mean of each 2x2 block."""
   if _is_box_2x(resample_filter, padding, x):
@@ -234,18 +234,18 @@ class EDMConv2d(nn.Module):
     f_pad = (len(f) - 1) // 2 if (self.up or self.down) else 0
 
     if self.fused_resample and self.up and w is not None:
-      x = _upsample(x, f, max(f_pad - w_pad, 0))
-      x = _conv(x, w, padding=max(w_pad - f_pad, 0), precision=self.precision)
+      x = upsample_2x(x, f, max(f_pad - w_pad, 0))
+      x = conv_nhwc(x, w, padding=max(w_pad - f_pad, 0), precision=self.precision)
     elif self.fused_resample and self.down and w is not None:
-      x = _conv(x, w, padding=w_pad + f_pad, precision=self.precision)
-      x = _downsample(x, f, 0)
+      x = conv_nhwc(x, w, padding=w_pad + f_pad, precision=self.precision)
+      x = downsample_2x(x, f, 0)
     else:
       if self.up:
-        x = _upsample(x, f, f_pad)
+        x = upsample_2x(x, f, f_pad)
       if self.down:
-        x = _downsample(x, f, f_pad)
+        x = downsample_2x(x, f, f_pad)
       if w is not None:
-        x = _conv(x, w, padding=w_pad, precision=self.precision)
+        x = conv_nhwc(x, w, padding=w_pad, precision=self.precision)
     if b is not None:
       x = x + b
     return x
@@ -314,7 +314,8 @@ class UNetBlockConfig:
   precision: Precision = None
 
 
-def _dropout(module: nn.Module, x, rate: float, train: bool):
+def train_dropout(module: nn.Module, x, rate: float, train: bool):
+  """Dropout at `rate` from the module's 'dropout' rng in training; the identity otherwise."""
   if not train or rate == 0:
     return x
   keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
@@ -355,7 +356,7 @@ class UNetBlock(nn.Module):
       x = nn.silu(shift + norm("norm1")(x) * (scale + 1))
     else:
       x = nn.silu(norm("norm1")(x + params))
-    x = conv("conv1", out_channels, 3, cfg.init_zero_weight)(_dropout(self, x, cfg.dropout, train))
+    x = conv("conv1", out_channels, 3, cfg.init_zero_weight)(train_dropout(self, x, cfg.dropout, train))
 
     if out_channels != in_channels or self.up or self.down:
       kernel = 1 if (cfg.resample_proj or out_channels != in_channels) else 0

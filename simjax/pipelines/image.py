@@ -6,6 +6,9 @@ Stages, each resumable from the workdir:
   checkpoints/ SIM distillation: generator and fake score start as copies of the teacher;
   generator/  the EMA generator exported with its arch and sigma_init;
   eval/       Frechet distances (digit-classifier features or FID Inception), class histograms.
+
+A latent teacher (EDM2's ImageNet-512 networks; config.vae names the VAE) distils in its latent space:
+data.shape is the latent shape, and samples are decoded for features and grids (image_eval).
 """
 import time
 
@@ -22,7 +25,7 @@ from simjax.eval import report
 from simjax.networks import precond as precond_lib
 from simjax.parallel import mesh as mesh_lib
 from simjax.pipelines import common, image_eval, image_teacher
-from simjax.teachers import edm_checkpoints, guidance
+from simjax.teachers import edm2_latents, edm_checkpoints, guidance
 from simjax.training import distill
 from simjax.training import sim_steps
 from simjax.training import state as state_lib
@@ -48,6 +51,17 @@ def validate(config, mode):
   if config.data.name == "digits" and not 0.0 < float(config.data.holdout_fraction) < 1.0:
     raise UserError(f"data.holdout_fraction must lie in (0, 1), got {config.data.holdout_fraction}; "
                      "set --config.data.holdout_fraction (e.g. 0.2).")
+  if config.data.name == "none":  # ImageNet runs: no data set, FID against reference statistics by path
+    if not config.eval.get("fid_ref") or config.eval.features != "inception":
+      raise UserError("data.name='none' (no data set) needs --config.eval.features=inception and "
+                      "--config.eval.fid_ref=<reference statistics .npz>, or set data.name to digits / cifar10.")
+    if config.teacher.kind != "checkpoint":
+      raise UserError("data.name='none' has no data to train a teacher on; set --config.teacher.kind=checkpoint.")
+  classes = tuple(config.sample.get("classes", ()))
+  label_dim = int(config.label_dim)
+  if classes and (not label_dim or any(not isinstance(c, int) or not 0 <= c < label_dim for c in classes)):
+    raise UserError(f"sample.classes={classes} must be class indices in [0, {label_dim}) of a class-conditional "
+                    "model; fix --config.sample.classes or leave it empty for uniformly drawn classes.")
   if config.teacher.kind == "train":
     tt = config.teacher_train
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
@@ -67,6 +81,44 @@ def validate(config, mode):
       image_teacher.check_arch_matches(teacher.arch, config, str(path))
   else:
     raise UserError(f"unknown teacher.kind {config.teacher.kind!r}; use 'train' or 'checkpoint'.")
+  _validate_latents(config)  # after the teacher's own checks: it reads the checkpoint's latent normalisation
+  if mode in ("train_and_eval", "eval"):  # read at the end of a run: checked before it starts
+    if config.eval.features == "inception" and not epath.Path(config.eval.inception_path or "").is_file():
+      raise UserError(f"FID Inception weights not found at {config.eval.inception_path!r}; pass "
+                      "--config.eval.inception_path=pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release), or "
+                      "--mode=train to skip the evaluation.")
+    if config.eval.get("fid_ref") and not epath.Path(config.eval.fid_ref).is_file():
+      raise UserError(f"FID reference statistics {config.eval.fid_ref!r} not found; set --config.eval.fid_ref to "
+                      "an .npz with mu and sigma (EDM's fid-refs), or leave it empty to compute them from the data.")
+
+
+def _validate_latents(config):
+  """A latent teacher (config.vae): a checkpoint teacher carrying EDM2's latent normalisation, a VAE folder that
+  fits it; forced weight normalisation only on EDM2 networks."""
+  forced = [name for name in ("generator", "fake") if config.optim[name].get("forced_weight_normalization")]
+  if not config.get("vae"):
+    if forced and config.teacher.kind == "checkpoint" and config.teacher.checkpoint:
+      _check_edm2_teacher(config, forced)
+    return
+  if config.teacher.kind != "checkpoint":
+    raise UserError("config.vae (a latent teacher) needs teacher.kind='checkpoint' with an EDM2 latent network.")
+  if not epath.Path(config.vae).exists():
+    raise UserError(f"VAE {config.vae!r} not found; set --config.vae to a diffusers AutoencoderKL folder "
+                    "(stabilityai/sd-vae-ft-mse for EDM2's ImageNet-512 networks).")
+  if epath.Path(config.teacher.checkpoint or "").exists():
+    codec = image_eval.latent_codec(config)
+    if data_lib.data_shape(config)[2] != codec.latent_channels:
+      raise UserError(f"data.shape {tuple(config.data.shape)} has {config.data.shape[2]} channels but the teacher's "
+                      f"latents have {codec.latent_channels}; set --config.data.shape to the latent shape.")
+  if forced:
+    _check_edm2_teacher(config, forced)
+
+
+def _check_edm2_teacher(config, forced):
+  teacher = image_teacher.read_teacher(str(config.teacher.checkpoint))
+  if precond_lib.precond_name_of(teacher.arch) != "EDM2Precond":
+    raise UserError(f"optim.{forced[0]}.forced_weight_normalization is EDM2's (its magnitude-preserving layers) but "
+                    f"the teacher is {precond_lib.precond_name_of(teacher.arch)}; set it to False.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,10 +154,13 @@ def export_generator(workdir, distillation: distill.Distillation, state, config)
   """generator/: arch.json (with sigma_init, so sampling uses the trained value) + EMA params."""
   if jax.process_index() != 0:
     return
-  info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step))}
+  info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step)),
+          "latent": bool(config.get("vae"))}
   # A continued run replaces its earlier export whole.
+  codec = image_eval.latent_codec(config, workdir)
   with storage.staged_directory(epath.Path(workdir) / "generator", replace=True) as staging:
     edm_checkpoints.write_converted(staging, dict(distillation.arch), {"params": jax.device_get(state.ema["generator"])})
+    edm2_latents.write_latent_normalization(staging, None if codec is None else codec.norm)
     report.write_json(staging / exported.INFO_FILE, info)
 
 
@@ -119,7 +174,7 @@ def grid_hook(config, workdir, distillation: distill.Distillation):
   gen = jax.jit(lambda p: nets.generate(p, extra, z, labels))
 
   def hook(step, state):
-    x = np.asarray(jax.device_get(gen(state.ema["generator"])))
+    x = image_eval.viewable(config, np.asarray(jax.device_get(gen(state.ema["generator"]))))
     grid = report.image_grid(x, int(config.grid_size), scale=_grid_scale(x))
     report.write_png(epath.Path(workdir) / "samples" / f"grid_step{step:07d}.png", grid)
     tensorboard.image(workdir, "sim", step, "samples/generator_grid", grid)

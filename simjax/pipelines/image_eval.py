@@ -3,8 +3,12 @@
 Feature spaces: 'digit_classifier' (a small classifier trained deterministically on the training
 split; the digits analogue of FID) or 'inception' (FID Inception-v3 from a user-given .pth).
 Sources (eval/final.json): the one-step EMA generator, the teacher's Heun sampler, and a held-out
-real sample (the metric's floor).
+real sample (the metric's floor; absent with data.name='none', where the reference statistics come from
+eval.fid_ref alone). A latent teacher (config.vae set: EDM2's ImageNet-512 networks) samples latents;
+they are decoded with the VAE and the checkpoint's latent normalisation before features and grids, and
+the .npz files keep the latents (the data's own layout).
 """
+import functools
 import json
 import time
 
@@ -66,13 +70,56 @@ class InceptionFeatures:
     self.has_classes = False
 
 
+class DecodedFeatures:
+  """Another feature space's features of decoded latents (a latent teacher's samples)."""
+
+  def __init__(self, features, codec):
+    self.fn = jax.jit(lambda latents: features.fn(codec.decode(latents)))
+    self.has_classes = features.has_classes
+
+
 def make_features(config, workdir, train_split, mesh):
   kind = config.eval.features
   if kind == "digit_classifier":
-    return DigitFeatures(config, workdir, train_split)
-  if kind == "inception":
-    return InceptionFeatures(config, mesh)
-  raise UserError(f"unknown eval.features {kind!r}; use 'digit_classifier' or 'inception'.")
+    features = DigitFeatures(config, workdir, train_split)
+  elif kind == "inception":
+    features = InceptionFeatures(config, mesh)
+  else:
+    raise UserError(f"unknown eval.features {kind!r}; use 'digit_classifier' or 'inception'.")
+  codec = latent_codec(config)
+  return DecodedFeatures(features, codec) if codec is not None else features
+
+
+@functools.lru_cache(maxsize=2)
+def _load_codec(vae_path: str, teacher_path: str):
+  from simjax.teachers import edm2_latents  # pylint: disable=import-outside-toplevel
+  try:
+    norm = edm2_latents.read_latent_normalization(teacher_path)
+  except (ValueError, OSError) as e:  # a user's file (unsafe pickles included): one line naming it
+    raise UserError(f"cannot read the latent normalisation of the teacher {teacher_path} "
+                    f"({' '.join(str(e).split())[:200]}).") from None
+  if norm is None:
+    raise UserError(f"config.vae is set but the teacher {teacher_path} carries no latent normalisation (EDM2's "
+                    "latent pickles do, as their StabilityVAEEncoder); unset --config.vae for a pixel-space teacher.")
+  try:
+    return edm2_latents.load_latent_codec(vae_path, norm)
+  except (ValueError, OSError) as e:
+    raise UserError(f"cannot use the VAE {vae_path} for this teacher ({' '.join(str(e).split())}).") from None
+
+
+def latent_codec(config, workdir=None):
+  """The LatentCodec (VAE + the teacher checkpoint's latent normalisation) of a latent run, else None."""
+  if not config.get("vae"):
+    return None
+  return _load_codec(str(config.vae), str(image_teacher.resolve_teacher_path(config, workdir or "")))
+
+
+def viewable(config, x, batch_size=16):
+  """Samples as images in [-1, 1]: decoded in batches for a latent run, else clipped."""
+  codec = latent_codec(config)
+  if codec is None:
+    return np.clip(x, -1.0, 1.0)
+  return np.concatenate([np.asarray(codec.decode(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
 def process_share(n):
@@ -112,6 +159,9 @@ def stream_features(features, x_local, labels_local, *, mesh, batch_size, descri
 def reference_stats(config, features, train_split, mesh):
   if config.eval.get("fid_ref"):
     return fid_lib.load_reference_stats(config.eval.fid_ref)
+  if train_split is None:
+    raise UserError("data.name='none' has no data to compute reference statistics from; set --config.eval.fid_ref "
+                    "to a reference statistics file (EDM's fid-refs .npz).")
   share = process_share(len(train_split.x))
   stats, _, _ = stream_features(features, train_split.x[share], None, mesh=mesh,
                                 batch_size=int(config.eval.batch_size), describe="eval: reference statistics")
@@ -135,10 +185,10 @@ def make_teacher_sampler(module, config, mesh, cond_space: CondSpace):
   noise = sampling.make_noise_fn(batch, shape, cond_space, mesh)
   describe = f"teacher Heun {samplers.num_function_evals(steps)} NFE" + (f", guidance {weight:g}" if weight != 1 else "")
 
-  def sample(variables, num, seed, prefix="eval"):
+  def sample(variables, num, seed, prefix="eval", cond=None):
     return sampling.sample(batch_fn, sampling.replicate(variables, mesh), num=num, batch_size=batch, seed=seed,
                            data_shape=shape, cond_space=cond_space, mesh=mesh, describe=f"{prefix}: {describe}",
-                           noise_fn=noise)
+                           noise_fn=noise, cond=cond)
   return sample
 
 
@@ -150,6 +200,14 @@ def teacher_samples(module, variables, num, batch, seed, config, mesh=None):
   out = make_teacher_sampler(module, cfg, mesh or mesh_lib.make_mesh((-1, 1)),
                              CondSpace(label_dim=module.label_dim))(variables, num, seed)
   return out.x, out.labels
+
+
+def load_splits(config):
+  """(train, heldout) of the configured data, or (None, None) for data.name='none' (ImageNet runs: FID
+  against eval.fid_ref only)."""
+  if config.data.name == "none":
+    return None, None
+  return data_lib.load_splits(config)
 
 
 def _labels_to_int(labels):
@@ -191,29 +249,32 @@ def evaluate(config, workdir, distillation: distill.Distillation, state):
   t_tea = time.time()
 
   say(f"eval: {config.eval.features} features (reference statistics, then each source)", flush=True)
-  train, heldout = data_lib.load_splits(config)
+  train, heldout = load_splits(config)
   features = make_features(config, workdir, train, mesh)
   ref = reference_stats(config, features, train, mesh)
-  share = process_share(len(heldout.x))
   common = dict(mesh=mesh, batch_size=batch)
+  clip = (lambda x: x) if config.get("vae") else (lambda x: np.clip(x, -1.0, 1.0))  # latents are not clipped
   results = {
-      "generator": measure(features, ref, np.clip(gen.local_x, -1.0, 1.0), _labels_to_int(gen.local_labels), 1,
+      "generator": measure(features, ref, clip(gen.local_x), _labels_to_int(gen.local_labels), 1,
                            num_classes, num_samples=n, describe="eval: generator", **common),
-      "teacher": measure(features, ref, np.clip(tea.local_x, -1.0, 1.0), _labels_to_int(tea.local_labels),
+      "teacher": measure(features, ref, clip(tea.local_x), _labels_to_int(tea.local_labels),
                          samplers.num_function_evals(steps), num_classes, num_samples=n, describe="eval: teacher",
                          **common),
-      "reference": measure(features, ref, heldout.x[share], heldout.labels[share] if nets.label_dim else None, 0,
-                           num_classes, num_samples=len(heldout.x), describe="eval: reference", **common),
   }
+  if heldout is not None:  # the metric's floor: real held-out images against the same statistics
+    share = process_share(len(heldout.x))
+    results["reference"] = measure(features, ref, heldout.x[share], heldout.labels[share] if nets.label_dim else None,
+                                   0, num_classes, num_samples=len(heldout.x), describe="eval: reference", **common)
   results["generator"]["step"] = int(jax.device_get(state.step))
   results["generator"]["sample_seconds"] = t_gen - t0
   results["teacher"]["sample_seconds"] = t_tea - t_gen
   results["generator"]["fd_ratio_to_teacher"] = (results["generator"]["frechet_distance"] /
                                                  max(results["teacher"]["frechet_distance"], 1e-12))
-  gen_x, tea_x = np.clip(gen.x, -1.0, 1.0), np.clip(tea.x, -1.0, 1.0)
+  gen_x, tea_x = clip(gen.x), clip(tea.x)
   report.write_samples(workdir, "generator", gen_x, gen.labels)
   report.write_samples(workdir, "teacher", tea_x, tea.labels)
-  write_side_by_side(workdir, tea_x, gen_x, results["teacher"]["nfe"], step=results["generator"]["step"])
+  write_side_by_side(workdir, viewable(config, tea_x[:100]), viewable(config, gen_x[:100]), results["teacher"]["nfe"],
+                     step=results["generator"]["step"])
   tensorboard.scalars(workdir, "sim", results["generator"]["step"],
                       {f"eval/{source}_frechet_distance": row["frechet_distance"] for source, row in results.items()})
   say("eval: " + " | ".join(f"{k}: FD={v['frechet_distance']:.3f} nfe={v['nfe']}" for k, v in results.items()),
@@ -232,12 +293,13 @@ def periodic_eval_hook(config, workdir, distillation: distill.Distillation):
 
   def hook(step, state):
     if not cache:
-      train, _ = data_lib.load_splits(config)
+      train, _ = load_splits(config)
       cache["features"] = make_features(config, workdir, train, mesh)
       cache["ref"] = reference_stats(config, cache["features"], train, mesh)
     num = int(config.eval.periodic_samples)
     out = sample(state.ema["generator"], num, int(config.eval.seed), f"[eval] step {step}: generator")
-    row = measure(cache["features"], cache["ref"], np.clip(out.local_x, -1, 1), _labels_to_int(out.local_labels), 1,
+    local_x = out.local_x if config.get("vae") else np.clip(out.local_x, -1, 1)
+    row = measure(cache["features"], cache["ref"], local_x, _labels_to_int(out.local_labels), 1,
                   int(config.eval.num_classes), mesh=mesh, batch_size=batch, num_samples=num)
     row["step"] = int(step)
     if jax.process_index() == 0:
@@ -270,7 +332,9 @@ def write_side_by_side(workdir, teacher_x, gen_x, teacher_nfe, cols=10, rows=10,
 # --mode=sample
 
 def sample_mode(config, workdir, mesh=None):
-  """Generates config.sample.num images from a generator or teacher checkpoint into samples/.
+  """Generates config.sample.num images from a generator or teacher checkpoint into samples/; a class-conditional
+  model samples config.sample.classes in turn (e.g. (207, 360): a golden retriever, an otter, ...) or, with
+  none given, uniformly drawn classes.
 
   Every process computes its share of each batch; process 0 writes the gathered samples."""
   source = config.sample.source
@@ -279,6 +343,9 @@ def sample_mode(config, workdir, mesh=None):
   path = epath.Path(config.sample.checkpoint) if config.sample.checkpoint else None
   num, seed, batch = int(config.sample.num), int(config.sample.seed), int(config.eval.batch_size)
   sampling.check_batch_size(batch, mesh)
+  classes = tuple(int(c) for c in config.sample.get("classes", ()))
+  # Chosen classes, repeated in turn (the latents stay the seed's); none: uniformly drawn classes.
+  cond = np.eye(int(config.label_dim), dtype=np.float32)[np.resize(classes, num)] if classes else None
   if source == "generator":
     path = path or wd / "generator"
     try:
@@ -288,19 +355,20 @@ def sample_mode(config, workdir, mesh=None):
     except Exception as e:  # pylint: disable=broad-except  # a user's files: any failure to read them is bad input
       raise UserError(f"cannot read the exported generator at {path} ({type(e).__name__}); rerun the training "
                       "or point --config.sample.checkpoint at a run's generator/ folder.") from None
-    x, labels = generator.sample(num, seed, batch_size=batch, return_labels=True, mesh=mesh,
+    x, labels = generator.sample(num, seed, cond, batch_size=batch, return_labels=True, mesh=mesh,
                                  describe="sample: generator 1 NFE")
   elif source == "teacher":
     path = path or image_teacher.resolve_teacher_path(config, workdir)
     teacher = image_teacher.read_teacher(str(path))
     out = make_teacher_sampler(teacher.module, config, mesh, CondSpace(label_dim=teacher.label_dim))(
-        teacher.params, num, seed, "sample")
-    x, labels = np.clip(out.x, -1.0, 1.0), out.labels
+        teacher.params, num, seed, "sample", cond=cond)
+    x, labels = (out.x if config.get("vae") else np.clip(out.x, -1.0, 1.0)), out.labels
   else:
     raise UserError(f"unknown sample.source {source!r}; use 'generator' or 'teacher'.")
   report.write_samples(workdir, f"sample_{source}", x, labels)
+  images = viewable(config, x[:100])
   report.write_png(wd / "samples" / f"sample_{source}.png",
-                   report.image_grid(x[:100], 10, scale=max(1, 96 // x.shape[1])))
+                   report.image_grid(images, 10, scale=max(1, 96 // images.shape[1])))
   if jax.process_index() == 0:
     print(f"wrote {len(x)} samples from {path} to {wd / 'samples' / f'sample_{source}.npz'}", flush=True)
   return "done"

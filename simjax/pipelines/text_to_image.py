@@ -263,6 +263,7 @@ def export_generator(workdir, distillation: distill.Distillation, state, config)
   schedule = {k: arch.pop(k) for k in transformer_checkpoints.SCHEDULE_DEFAULTS if k in arch}
   space = distillation.nets.cond_space
   info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step)),
+          "latent": bool(config.vae),
           "text": {"length": space.text_length, "dim": space.text_dim, "tokenizer": str(config.text.tokenizer),
                    "encoder": str(encoder_path(config, workdir)), "max_length": int(config.text.max_length)}}
   params = jax.device_get(state.ema["generator"])["model"]

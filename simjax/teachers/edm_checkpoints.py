@@ -27,6 +27,7 @@ from etils import epath
 from simjax import storage, torch_files, weight_files
 from simjax.networks.precond import build_precond, param_shapes
 from simjax.networks.songunet import resample_kernel_2d
+from simjax.teachers import edm2_latents
 
 ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
@@ -62,27 +63,46 @@ def _summarise(names, limit=4):
   return ", ".join(names[:limit]) + more
 
 
+# flax leaf name -> torch's; other leaves (EDM2's scalar gains emb_gain, out_gain) keep their names.
+_TORCH_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+def _arch_buffers(module) -> Dict[str, str]:
+  """torch buffer name -> arch key, for the fixed random buffers a network keeps in its arch dict."""
+  if getattr(module.model, "embedding_type", None) == "fourier":
+    return {_FREQS_NAME: "fourier_freqs"}  # NCSN++'s Fourier frequencies
+  if type(module).__name__ == "EDM2Precond":
+    return {"unet.emb_fourier.freqs": "emb_fourier_freqs", "unet.emb_fourier.phases": "emb_fourier_phases",
+            "logvar_fourier.freqs": "logvar_fourier_freqs", "logvar_fourier.phases": "logvar_fourier_phases"}
+  return {}
+
+
 def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Tuple[Dict[str, Any], dict]:
   """EDM state dict (torch names, numpy arrays) -> (arch, variables {'params': ...}) for build_precond.
 
   Raises a one-line ValueError on missing, misshapen or unexpected tensors. The returned arch is
-  JSON-friendly and, for Fourier embeddings, holds the checkpoint's `fourier_freqs`.
+  JSON-friendly and holds the checkpoint's fixed random buffers: NCSN++'s `fourier_freqs`, EDM2's
+  `emb_fourier_*` / `logvar_fourier_*` frequencies and phases.
   """
   arch = _plain_arch(arch)
   state = {str(k): np.asarray(v) for k, v in state.items()}
   used = set()
   module = build_precond(arch)
-  if getattr(module.model, "embedding_type", None) == "fourier":
-    if _FREQS_NAME not in state:
-      raise ValueError(f"state dict is missing {_FREQS_NAME} (NCSN++'s Fourier frequencies); convert a complete EDM state dict.")
-    arch["fourier_freqs"] = [float(v) for v in state[_FREQS_NAME].astype(np.float32).reshape(-1)]
-    used.add(_FREQS_NAME)
-    module = build_precond(arch)  # validates the number of frequencies
+  buffers = _arch_buffers(module)
+  if buffers:
+    absent = [name for name in buffers if name not in state]
+    if absent:
+      raise ValueError(f"state dict is missing {_summarise(absent)} (the network's fixed random Fourier buffers); "
+                       "convert a complete state dict.")
+    for name, key in buffers.items():
+      arch[key] = [float(v) for v in state[name].astype(np.float32).reshape(-1)]
+      used.add(name)
+    module = build_precond(arch)  # the number of frequencies is checked when param_shapes traces it
 
   expected = flax.traverse_util.flatten_dict(param_shapes(module)["params"])
   params, missing, misshapen = {}, [], []
   for path, leaf in expected.items():
-    torch_name = ".".join(path[:-1]) + "." + ("bias" if path[-1] == "bias" else "weight")
+    torch_name = ".".join(path[:-1] + (_TORCH_LEAF_NAMES.get(path[-1], path[-1]),))
     if torch_name not in state:
       missing.append(torch_name)
       continue
@@ -99,7 +119,7 @@ def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray])
     raise ValueError(f"state dict does not match the architecture: {len(misshapen)} misshapen tensors "
                      f"({_summarise(misshapen, 2)}); check the arch kwargs.")
 
-  filter_2d = resample_kernel_2d(module.model.resample_filter)
+  filter_2d = resample_kernel_2d(getattr(module.model, "resample_filter", (1, 1)))
   unexpected = []
   for name in sorted(set(state) - used):
     if name.endswith(".resample_filter"):
@@ -127,15 +147,17 @@ def check_output_dir(out_dir) -> None:
     raise ValueError(f"output directory {out_dir} {what}; remove it or choose another path.")
 
 
-def save_converted(out_dir, arch: Mapping[str, Any], params) -> Path:
+def save_converted(out_dir, arch: Mapping[str, Any], params, *, latents=None) -> Path:
   """Writes OUT_DIR/arch.json + OUT_DIR/params (orbax) atomically; OUT_DIR must be absent or empty.
 
-  `params` is the variables pytree ({'params': ...}) that `module.apply` takes.
+  `params` is the variables pytree ({'params': ...}) that `module.apply` takes; `latents` an EDM2 latent
+  normalisation (simjax.teachers.edm2_latents), written as latents.json.
   """
   out_dir = Path(out_dir).absolute()
   check_output_dir(out_dir)
   with storage.staged_directory(out_dir) as staging:
     write_converted(staging, arch, params)
+    edm2_latents.write_latent_normalization(staging, latents)
   return out_dir
 
 

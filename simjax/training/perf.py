@@ -103,9 +103,14 @@ def apply_process_options(opts: PerfOptions):
     host_memory.keep_freed_memory()
 
 
+def _network_field(module) -> str:
+  """The attribute of a preconditioner holding its network ('model'; EDM2's 'unet')."""
+  return getattr(type(module), "NETWORK_FIELD", "model")
+
+
 def _network_of(module):
-  """The module holding the compute options: a preconditioner's `model`, else the module itself."""
-  return getattr(module, "model", None) or module
+  """The module holding the compute options: a preconditioner's network, else the module itself."""
+  return getattr(module, _network_field(module), None) or module
 
 
 def _has_field(module, name) -> bool:
@@ -133,7 +138,7 @@ def configure_module(module, *, dtype=jnp.float32, remat_blocks: bool = False, l
     return module
   if net is module:  # a bare network, no preconditioner around it
     return module.clone(**changes)
-  return module.clone(model=net.clone(**changes))
+  return module.clone(**{_network_field(module): net.clone(**changes)})
 
 
 def configure_networks(nets: DistillNetworks, opts: PerfOptions, *, remat: bool = True) -> DistillNetworks:

@@ -23,7 +23,8 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_optimizer(optim_config) -> optax.GradientTransformation:
-  """Adam with linear learning-rate warm-up and optional value and global-norm clipping of the gradients."""
+  """Adam with linear learning-rate warm-up and optional value and global-norm clipping of the gradients; with
+  `forced_weight_normalization` (EDM2 networks only) every kernel is re-normalised after each step."""
   for name in ("lr", "eps"):
     if not float(optim_config[name]) > 0:
       raise UserError(f"optimizer {name} must be > 0, got {optim_config[name]}; set a positive value.")
@@ -41,6 +42,9 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
   if optim_config.get("grad_clip"):
     chain.append(optax.clip_by_global_norm(float(optim_config.grad_clip)))
   chain.append(optax.adam(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2), eps=float(optim_config.eps)))
+  if optim_config.get("forced_weight_normalization"):  # EDM2's Eq. 66 (SiDA's --force_normalization)
+    from simjax.networks.edm2 import forced_weight_normalization  # pylint: disable=import-outside-toplevel
+    chain.append(forced_weight_normalization())
   return optax.chain(*chain)
 
 
