@@ -3,12 +3,13 @@
 
   python -m simjax.main --config=configs/edm2_img512.py:/path/to/edm2-img512-xs-2147483-0.135.pkl \
       --workdir=gs://bucket/sim-edm2-xs \
-      --config.vae=/path/to/sd-vae-ft-mse \                  # diffusers folder of stabilityai/sd-vae-ft-mse
+      --config.vae=/path/to/sd-vae-ft-mse \
       --config.eval.inception_path=/path/to/pt_inception-2015-12-05-6726825d.pth \
-      --config.eval.fid_ref=/path/to/img512.npz              # reference statistics (mu, sigma) of ImageNet-512
+      --config.eval.fid_ref=/path/to/img512.pkl              # EDM2's dataset-refs statistics
 
-The generator, fake score and teacher are EDM2 networks on 64x64x4 latents; the latent normalisation comes
-from the pickle's StabilityVAEEncoder record, and samples are decoded (VAE, 512x512) only for FID and grids.
+--config.vae is a diffusers folder of stabilityai/sd-vae-ft-mse. The generator, fake score and teacher are
+EDM2 networks on 64x64x4 latents; the latent normalisation comes from the pickle's StabilityVAEEncoder
+record, and samples are decoded (VAE, 512x512) only for FID and grids.
 A training snapshot (network-snapshot-*.pkl) or a post-hoc EMA reconstruction loads the same way, as does
 a `python -m simjax.convert_edm` directory of either. SiD's run_sid_edm2.sh (SiDA branch) for every size:
 batch 2048, Adam lr 5e-5 for both networks, betas (0, 0.999), tmax 800, init_sigma 2.5, EMA half-life 2 Mimg,
@@ -17,10 +18,10 @@ forced weight normalisation of the trained networks (EDM2's, --force_normalizati
 by the fake score's EDM2 uncertainty exp(-logvar); simjax's networks return logvar (return_logvar=True)
 but the SIM loss does not use it.
 
-What it takes (benchmarks/sim_step.py --config=configs/edm2_img512.py --batch=1 --quick; the README's
-"ImageNet teachers" table): for XS (125M parameters) on 2 CPU cores CPU_ITER_S s per iteration at batch 1
-(CPU_MIMG_H hours per Mimg), CPU_RSS_GB GB resident; three networks plus two Adam states are 5 x 0.5 GB
-(XS) to 5 x 6 GB (XXL, 1.5B) in float32: shard them over the fsdp axis of a pod slice or GPU node
+What it takes (benchmarks/sim_step.py --config=configs/edm2_img512.py --batch=1 --iteration_only --repeats=3; the README's
+"ImageNet teachers" table): for XS (125M parameters) on 2 CPU cores 14.6 s per iteration at batch 1
+(4,045 hours per Mimg), 11.8 GB resident; three networks, the generator's EMA and two Adam states are
+8 x 0.5 GB (XS) to 8 x 6 GB (XXL, 1.5B) in float32: shard them over the fsdp axis of a pod slice or GPU node
 (--config.mesh_shape="(D, F)"). No accelerator was lent to measure the device step.
 """
 import ml_collections
@@ -60,6 +61,6 @@ def get_config(arg=None):
   c.grid_size = 4
   c.eval.features = "inception"
   c.eval.num_samples = 50_000
-  c.eval.batch_size = 64
+  c.eval.batch_size = 32              # global; each image is decoded at 512x512 (the VAE decoder) for FID
   c.eval.num_classes = 1000
   return c

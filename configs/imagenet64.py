@@ -12,10 +12,10 @@ tmax 800 (sigma in [0.002, 24.4]), init_sigma 2.5, dropout 0.1, no augmentation,
 --ls 1 --lsg 100 (loss scales; no-ops under Adam here), fp16 (bfloat16 here on accelerators, perf.compute_dtype
 'auto'), duration 500 Mimg at alpha 1 (1000 at alpha 1.2), i.e. 61,035 steps at batch 8192 (num_steps below).
 
-What it takes (benchmarks/sim_step.py --config=configs/imagenet64.py --batch=1 --quick, one SIM iteration of
+What it takes (benchmarks/sim_step.py --config=configs/imagenet64.py --batch=1 --iteration_only --repeats=3, one SIM iteration of
 three 296M-parameter networks, float32; see the README's "ImageNet teachers" table): on 2 CPU cores
-CPU_ITER_S s per iteration at batch 1 (CPU_MIMG_H hours per Mimg) and CPU_RSS_GB GB resident; the three
-networks' parameters and the two optimisers' Adam moments are 5 x 1.18 GB in float32, so a pod or GPU node
+29.9 s per iteration at batch 1 (8,292 hours per Mimg) and 24.2 GB resident; the three
+networks, the generator's EMA and the two Adam states are 8 x 1.18 GB in float32, so a pod or GPU node
 shards them over the fsdp axis (e.g. --config.mesh_shape="(8, 4)" on 32 chips) and keeps batch 8192 as
 256 per chip. No accelerator was lent to measure the device step; benchmarks/sim_step.py does on one.
 """

@@ -418,6 +418,18 @@ def module_state_dict(obj, prefix: str = "") -> Dict[str, np.ndarray]:
   return out
 
 
+def load_plain_pickle(path) -> Any:
+  """A plain pickle of dicts, lists and numpy arrays (EDM2's dataset-refs statistics), through the restricted
+  unpickler: any other global is refused (UnsafePickleError)."""
+  with open(os.fspath(path), "rb") as f:
+    try:
+      return _RestrictedUnpickler(f, what=os.fspath(path)).load()
+    except UnsafePickleError:
+      raise
+    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError) as e:
+      raise ValueError(f"{path} is not a readable pickle ({type(e).__name__}: {e})") from None
+
+
 def _load_network_pickle(path):
   """The top-level dict of an EDM / EDM2 network pickle, read through the restricted unpickler."""
   path = os.fspath(path)

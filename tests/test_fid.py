@@ -430,3 +430,27 @@ def test_reference_stats_round_trip_and_errors(tmp_path):
     fid.load_reference_stats(tmp_path / "bad_shape.npz")
   with pytest.raises(ValueError, match="save_reference_stats needs"):
     fid.save_reference_stats(tmp_path / "x.npz", mu, sigma[:3])
+
+
+def test_edm2_dataset_refs_pickle_is_read_without_running_it(tmp_path):
+  """EDM2 publishes its reference statistics as a pickle ({'fid': {'mu', 'sigma'}, 'fd_dinov2': ...}): read
+  through the restricted unpickler, so a payload in such a file is refused and never runs."""
+  import os  # pylint: disable=import-outside-toplevel
+  import pickle  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(11)
+  mu, sigma = rng.normal(size=5), _random_covariance(rng, 5)
+  path = tmp_path / "img512.pkl"
+  path.write_bytes(pickle.dumps(dict(fid=dict(mu=mu, sigma=sigma), fd_dinov2=dict(mu=mu[:2], sigma=sigma[:2, :2]))))
+  loaded_mu, loaded_sigma = fid.load_reference_stats(path)
+  np.testing.assert_array_equal(loaded_mu, mu)
+  np.testing.assert_array_equal(loaded_sigma, sigma)
+
+  marker = tmp_path / "pwned"
+
+  class Evil:
+    def __reduce__(self):
+      return os.system, (f"touch {marker}",)
+  path.write_bytes(pickle.dumps(dict(fid=dict(mu=mu, sigma=Evil()))))
+  with pytest.raises(ValueError, match="system"):
+    fid.load_reference_stats(path)
+  assert not marker.exists()

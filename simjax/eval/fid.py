@@ -342,24 +342,33 @@ def compute_fid_stats(feature_fn: Callable, sample_batches: Iterable, *, batch_s
 # Reference statistics files (EDM's fid-refs format: an .npz with `mu` [D] and `sigma` [D, D]).
 
 def load_reference_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-  """Reads (mu, sigma) in float64 from an `.npz` with keys `mu` and `sigma` (EDM fid-refs)."""
+  """Reads (mu, sigma) in float64 from an `.npz` with keys `mu` and `sigma` (EDM fid-refs), or from EDM2's
+  dataset-refs `.pkl` (a plain pickle of {'fid': {'mu', 'sigma'}, ...}, read through simjax's restricted
+  unpickler: no code in it runs)."""
   path = epath.Path(path)
   if not path.exists():
     raise UserError(f"FID reference statistics not found at {os.fspath(path)!r}; download "
                      f"them (e.g. {EDM_FID_REFS_URL}cifar10-32x32.npz) or make them with "
                      "compute_fid_stats + save_reference_stats.")
-  not_npz = (f"FID reference statistics {os.fspath(path)!r} are not a readable .npz; pass an "
+  not_npz = (f"FID reference statistics {os.fspath(path)!r} are not a readable .npz (or EDM2 .pkl); pass an "
              ".npz with 'mu' [D] and 'sigma' [D, D].")
   try:
-    with path.open("rb") as f:
-      data = np.load(f)  # pickles are refused (allow_pickle=False) with a ValueError
-      if not isinstance(data, np.lib.npyio.NpzFile):
-        raise UserError(not_npz)
-      with data:
-        arrays = {key: np.asarray(data[key], np.float64) for key in ("mu", "sigma") if key in data}
-        keys = sorted(data.files)
-  except (OSError, EOFError, ValueError) as error:
-    raise UserError(not_npz) from error
+    if path.suffix == ".pkl":
+      from simjax.torch_files import load_plain_pickle  # pylint: disable=import-outside-toplevel
+      data = load_plain_pickle(path)
+      data = data.get("fid", data) if isinstance(data, dict) else {}
+      arrays = {key: np.asarray(data[key], np.float64) for key in ("mu", "sigma") if key in data}
+      keys = sorted(str(k) for k in data)
+    else:
+      with path.open("rb") as f:
+        data = np.load(f)  # pickles are refused (allow_pickle=False) with a ValueError
+        if not isinstance(data, np.lib.npyio.NpzFile):
+          raise UserError(not_npz)
+        with data:
+          arrays = {key: np.asarray(data[key], np.float64) for key in ("mu", "sigma") if key in data}
+          keys = sorted(data.files)
+  except (OSError, EOFError, ValueError, TypeError) as error:
+    raise UserError(not_npz + f" ({' '.join(str(error).split())[:160]})") from None
   if len(arrays) != 2:
     raise UserError(f"FID reference statistics {os.fspath(path)!r} need keys 'mu' and 'sigma' "
                      f"but have {keys}; pass an .npz with 'mu' [D] and 'sigma' [D, D].")
