@@ -205,7 +205,9 @@ def test_generator_step_gains_weight_times_sidas_generator_term():
   assert "adv_loss" not in results[0.0][2]
   # Before SiDA's start (adversarial_on = 0) the term is reported but adds nothing.
   gated = jax.jit(fns.generator)(params, fake, consts, i["z"], None, i["sigma"], i["eps"], i["rng"], None, 0.0)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), gated[1], results[0.0][1])
+  # Equal up to float32 reassociation (the gated program computes the term and multiplies it by 0); the term
+  # itself moves the gradients by 0.5 * want, checked above to be the term's gradient.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), gated[1], results[0.0][1])
   np.testing.assert_allclose(float(gated[2]["adv_loss"]), float(term(params)), rtol=1e-5)
 
 
