@@ -107,7 +107,7 @@ def test_latent_distillation_decodes_grids_and_samples(assets, tmp_path):
 
 @pytest.mark.parametrize("bad, problem", [
     (["--config.vae=/nonexistent/vae", SHAPE], "VAE '/nonexistent/vae' not found"),
-    (["--config.data.shape=(8, 8, 3)"], "latents have 4"),
+    (["--config.data.shape=(8, 8, 3)"], "has channels 4 but the config expects 3"),
     (["--config.eval.fid_ref=", SHAPE], "data.name='none'"),
     (["--config.sample.classes=(3, 12)", SHAPE], "sample.classes=(3, 12) must be class indices in [0, 10)"),
 ])
