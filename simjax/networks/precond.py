@@ -151,6 +151,9 @@ class EDM2Precond(nn.Module):
   sigma_max: float = math.inf
 
   NETWORK_FIELD = "unet"
+  # torch buffer -> arch key: the fixed random Fourier buffers, which the converter moves into the arch.
+  ARCH_BUFFERS = {"unet.emb_fourier.freqs": "emb_fourier_freqs", "unet.emb_fourier.phases": "emb_fourier_phases",
+                  "logvar_fourier.freqs": "logvar_fourier_freqs", "logvar_fourier.phases": "logvar_fourier_phases"}
 
   @property
   def model(self):

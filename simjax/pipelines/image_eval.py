@@ -119,7 +119,8 @@ def viewable(config, x, batch_size=16):
   codec = latent_codec(config)
   if codec is None:
     return np.clip(x, -1.0, 1.0)
-  return np.concatenate([np.asarray(codec.decode(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+  from simjax.teachers.vae_checkpoints import decode_in_batches  # pylint: disable=import-outside-toplevel
+  return decode_in_batches(codec.decode, x, batch_size)
 
 
 def process_share(n):

@@ -51,12 +51,9 @@ def make_decoder(config):
   """latents -> images in [-1, 1]: the VAE's decoder for a latent teacher (config.vae), else a clip."""
   if not config.vae:
     return lambda x: np.clip(np.asarray(x, np.float32), -1.0, 1.0)
-  from simjax.teachers.vae_checkpoints import load_vae  # pylint: disable=import-outside-toplevel
+  from simjax.teachers.vae_checkpoints import decode_in_batches, load_vae  # pylint: disable=import-outside-toplevel
   vae = load_vae(config.vae)
-
-  def decode(x, batch=8):
-    return np.clip(np.concatenate([np.asarray(vae.decode(x[i:i + batch])) for i in range(0, len(x), batch)]), -1, 1)
-  return decode
+  return lambda x, batch=8: np.clip(decode_in_batches(vae.decode, x, batch), -1, 1)
 
 
 def grid_prompts(config):

@@ -71,10 +71,7 @@ def _arch_buffers(module) -> Dict[str, str]:
   """torch buffer name -> arch key, for the fixed random buffers a network keeps in its arch dict."""
   if getattr(module.model, "embedding_type", None) == "fourier":
     return {_FREQS_NAME: "fourier_freqs"}  # NCSN++'s Fourier frequencies
-  if type(module).__name__ == "EDM2Precond":
-    return {"unet.emb_fourier.freqs": "emb_fourier_freqs", "unet.emb_fourier.phases": "emb_fourier_phases",
-            "logvar_fourier.freqs": "logvar_fourier_freqs", "logvar_fourier.phases": "logvar_fourier_phases"}
-  return {}
+  return dict(getattr(type(module), "ARCH_BUFFERS", {}))  # a preconditioner's own (EDM2's)
 
 
 def convert_state_dict(arch: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> Tuple[Dict[str, Any], dict]:

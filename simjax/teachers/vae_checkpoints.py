@@ -168,6 +168,11 @@ class VAE:
     return _decode(self.module, self.params, latents, self.scaling_factor, self.shift_factor)
 
 
+def decode_in_batches(decode, latents, batch_size: int) -> np.ndarray:
+  """decode(latents) batch by batch (a VAE decoder's activations at full resolution are large), as numpy."""
+  return np.concatenate([np.asarray(decode(latents[i:i + batch_size])) for i in range(0, len(latents), batch_size)])
+
+
 def load_vae(path, *, dtype=jnp.float32, precision=None) -> VAE:
   """The VAE of a diffusers VAE folder or pipeline root; `dtype` is the compute dtype (parameters stay
   float32), `precision` the convolutions' and matmuls' (jax.lax.Precision)."""
