@@ -109,6 +109,7 @@ def test_latent_distillation_decodes_grids_and_samples(assets, tmp_path):
     (["--config.vae=/nonexistent/vae", SHAPE], "VAE '/nonexistent/vae' not found"),
     (["--config.data.shape=(8, 8, 3)"], "has channels 4 but the config expects 3"),
     (["--config.eval.fid_ref=", SHAPE], "data.name='none'"),
+    (["--config.data.name=imagenet", SHAPE], "unknown data.name 'imagenet'"),
     (["--config.sample.classes=(3, 12)", SHAPE], "sample.classes=(3, 12) must be class indices in [0, 10)"),
 ])
 def test_bad_latent_configs_exit_2_before_writing(assets, tmp_path, bad, problem):

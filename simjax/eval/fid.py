@@ -352,14 +352,17 @@ def load_reference_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
                      "compute_fid_stats + save_reference_stats.")
   not_npz = (f"FID reference statistics {os.fspath(path)!r} are not a readable .npz (or EDM2 .pkl); pass an "
              ".npz with 'mu' [D] and 'sigma' [D, D].")
-  try:
-    if path.suffix == ".pkl":
-      from simjax.torch_files import load_plain_pickle  # pylint: disable=import-outside-toplevel
+  if path.suffix == ".pkl":
+    from simjax.torch_files import load_plain_pickle  # pylint: disable=import-outside-toplevel
+    try:
       data = load_plain_pickle(path)
       data = data.get("fid", data) if isinstance(data, dict) else {}
       arrays = {key: np.asarray(data[key], np.float64) for key in ("mu", "sigma") if key in data}
       keys = sorted(str(k) for k in data)
-    else:
+    except (OSError, ValueError, TypeError) as error:  # unsafe or unreadable: the reason, in one line
+      raise UserError(not_npz + f" ({' '.join(str(error).split())[:200]})") from None
+  else:
+    try:
       with path.open("rb") as f:
         data = np.load(f)  # pickles are refused (allow_pickle=False) with a ValueError
         if not isinstance(data, np.lib.npyio.NpzFile):
@@ -367,8 +370,8 @@ def load_reference_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
         with data:
           arrays = {key: np.asarray(data[key], np.float64) for key in ("mu", "sigma") if key in data}
           keys = sorted(data.files)
-  except (OSError, EOFError, ValueError, TypeError) as error:
-    raise UserError(not_npz + f" ({' '.join(str(error).split())[:160]})") from None
+    except (OSError, EOFError, ValueError) as error:
+      raise UserError(not_npz) from error
   if len(arrays) != 2:
     raise UserError(f"FID reference statistics {os.fspath(path)!r} need keys 'mu' and 'sigma' "
                      f"but have {keys}; pass an .npz with 'mu' [D] and 'sigma' [D, D].")

@@ -21,6 +21,7 @@ from simjax import data as data_lib
 from simjax import exported, storage, tensorboard
 from simjax.conditioning import CondSpace
 from simjax.errors import UserError
+from simjax.eval import fid as fid_lib
 from simjax.eval import report
 from simjax.networks import precond as precond_lib
 from simjax.parallel import mesh as mesh_lib
@@ -32,6 +33,7 @@ from simjax.training import state as state_lib
 from simjax.training.roles import Denoiser, DistillNetworks, split_variables
 
 MODES = ("train_and_eval", "train", "train_teacher", "eval", "sample")
+DATA_NAMES = ("digits", "cifar10", "none")
 
 
 def validate(config, mode):
@@ -51,6 +53,9 @@ def validate(config, mode):
   if config.data.name == "digits" and not 0.0 < float(config.data.holdout_fraction) < 1.0:
     raise UserError(f"data.holdout_fraction must lie in (0, 1), got {config.data.holdout_fraction}; "
                      "set --config.data.holdout_fraction (e.g. 0.2).")
+  if config.data.name not in DATA_NAMES:  # else it would fail only at the first evaluation, after training
+    raise UserError(f"unknown data.name {config.data.name!r}; use one of {DATA_NAMES} ('none': no data set, FID "
+                    "against --config.eval.fid_ref).")
   if config.data.name == "none":  # ImageNet runs: no data set, FID against reference statistics by path
     if not config.eval.get("fid_ref") or config.eval.features != "inception":
       raise UserError("data.name='none' (no data set) needs --config.eval.features=inception and "
@@ -87,9 +92,8 @@ def validate(config, mode):
       raise UserError(f"FID Inception weights not found at {config.eval.inception_path!r}; pass "
                       "--config.eval.inception_path=pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release), or "
                       "--mode=train to skip the evaluation.")
-    if config.eval.get("fid_ref") and not epath.Path(config.eval.fid_ref).is_file():
-      raise UserError(f"FID reference statistics {config.eval.fid_ref!r} not found; set --config.eval.fid_ref to "
-                      "an .npz with mu and sigma (EDM's fid-refs), or leave it empty to compute them from the data.")
+    if config.eval.get("fid_ref"):  # read and checked now (one line naming the problem), not after training
+      fid_lib.load_reference_stats(config.eval.fid_ref)
 
 
 def _validate_latents(config):
