@@ -32,13 +32,11 @@ def main(argv=None) -> int:
   # Heavy imports after argument parsing so that `--help` is instant.
   from simjax.teachers import edm_checkpoints  # pylint: disable=import-outside-toplevel
   from simjax.networks.precond import count_params  # pylint: disable=import-outside-toplevel
-  from simjax.teachers import edm2_latents  # pylint: disable=import-outside-toplevel
 
   try:
     out_dir = Path(args.out_dir)
     edm_checkpoints.check_output_dir(out_dir)  # before the (slow) read: a taken OUT_DIR fails at once
-    arch, variables = edm_checkpoints.read_edm_checkpoint(args.input, arch=args.arch)
-    latents = edm2_latents.read_latent_normalization(args.input)  # EDM2's latent networks only
+    arch, variables, latents = edm_checkpoints.read_edm_source(args.input, arch=args.arch)  # latents: EDM2's
     edm_checkpoints.save_converted(out_dir, arch, variables, latents=latents)
   except (ValueError, OSError) as e:
     message = " ".join(str(e).split())  # one line, whatever the exception text holds

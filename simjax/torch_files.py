@@ -448,13 +448,17 @@ def _load_network_pickle(path):
   return data
 
 
-def load_edm_pickle(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
-  """(precond_kwargs, state) of the EMA network in an EDM or EDM2 network pickle, without executing it.
+def read_edm_network_pickle(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray], Dict[str, Any]]:
+  """(precond_kwargs, state, encoder) of the EMA network in an EDM or EDM2 network pickle, from one read and
+  without executing it.
 
   precond_kwargs are the network's recorded constructor kwargs (EDM persistence `init_kwargs`)
   plus `precond` = its class name ('EDMPrecond', ...; EDM2's `Precond` as 'EDM2Precond'); state is its
   state_dict with EDM's names (`model.enc.32x32_conv.weight`, ...) as numpy arrays, in the file's dtype
-  (EDM2 saves float16).
+  (EDM2 saves float16); encoder is the pixel <-> network-space encoder EDM2 records beside the network
+  (NVlabs/edm2 training/encoders.py), as plain values: {'class_name': 'StabilityVAEEncoder', 'vae_name',
+  'scale' [C], 'bias' [C]} for latent networks, {'class_name': 'StandardRGBEncoder'} for pixel ones, {} when
+  the pickle has none (EDM's).
   """
   data = _load_network_pickle(path)
   ema = data["ema"]
@@ -466,14 +470,21 @@ def load_edm_pickle(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
   if ema.state.get("_init_args"):
     raise ValueError(f"{path}: the EMA network was built with positional arguments; simjax needs keyword init_kwargs")
   kwargs = {"precond": _PRECOND_CLASSES[ema.class_name], **_plain(init_kwargs)}
-  return kwargs, module_state_dict(ema)
+  return kwargs, module_state_dict(ema), _encoder_record(data.get("encoder"), path)
+
+
+def load_edm_pickle(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+  """(precond_kwargs, state) of `read_edm_network_pickle`."""
+  kwargs, state, _ = read_edm_network_pickle(path)
+  return kwargs, state
 
 
 def load_edm_pickle_encoder(path) -> Dict[str, Any]:
-  """The pixel <-> network-space encoder recorded in an EDM2 network pickle (NVlabs/edm2 training/encoders.py),
-  as plain values: {'class_name': 'StabilityVAEEncoder', 'vae_name', 'scale' [C], 'bias' [C]} for latent
-  networks, {'class_name': 'StandardRGBEncoder'} for pixel ones; {} when the pickle has none (EDM's)."""
-  encoder = _load_network_pickle(path).get("encoder")
+  """The encoder record of `read_edm_network_pickle`."""
+  return _encoder_record(_load_network_pickle(path).get("encoder"), path)
+
+
+def _encoder_record(encoder, path) -> Dict[str, Any]:
   if encoder is None:
     return {}
   if not isinstance(encoder, PersistentObject):

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from simjax import torch_files
 from simjax.convert_edm import main as convert_main
 from simjax.networks.edm2 import EDM2UNet, forced_weight_normalization, mp_normalize, weight_normalized
 from simjax.networks.precond import EDM2Precond, build_precond, count_params, init_params, param_shapes
@@ -218,7 +219,7 @@ def test_edm2_state_dict_mismatches_are_named():
   assert load_state_dict(FIXTURE).keys() == state.keys()
 
 
-def test_latent_normalization_from_the_pickle_and_converted_directory(tmp_path):
+def test_latent_normalization_from_the_pickle_and_converted_directory(tmp_path, monkeypatch):
   """An EDM2 pickle's StabilityVAEEncoder record gives EDM2's per-channel scale / bias (raw_mean / raw_std
   defaults); convert_edm carries it to latents.json; an EDM pickle has none."""
   config, state, _ = _load_fixture()
@@ -227,9 +228,15 @@ def test_latent_normalization_from_the_pickle_and_converted_directory(tmp_path):
   norm = read_latent_normalization(path)
   assert norm == LatentNormalization.from_stats(vae_name="stabilityai/sd-vae-ft-mse")
   np.testing.assert_allclose(norm.scale, 0.5 / np.array([4.17, 4.62, 3.71, 3.28]), rtol=1e-6)
+  # The teacher and convert_edm take it from their one read of the pickle (an XXL pickle is ~3 GB).
+  reads = []
+  real_read = torch_files._load_network_pickle  # pylint: disable=protected-access
+  monkeypatch.setattr(torch_files, "_load_network_pickle", lambda p: reads.append(p) or real_read(p))
+  assert load_teacher(path).latents == norm and len(reads) == 1
   out = tmp_path / "converted"
-  assert convert_main([str(path), str(out)]) == 0
+  assert convert_main([str(path), str(out)]) == 0 and len(reads) == 2
   assert read_latent_normalization(out) == norm and read_latent_normalization(out / "arch.json") is None
+  assert load_teacher(out).latents == norm and len(reads) == 2
   with pytest.raises(ValueError, match="non-zero"):
     LatentNormalization((1.0, 0.0), (0.0, 0.0))
 

@@ -93,11 +93,8 @@ def make_features(config, workdir, train_split, mesh):
 @functools.lru_cache(maxsize=2)
 def _load_codec(vae_path: str, teacher_path: str):
   from simjax.teachers import edm2_latents  # pylint: disable=import-outside-toplevel
-  try:
-    norm = edm2_latents.read_latent_normalization(teacher_path)
-  except (ValueError, OSError) as e:  # a user's file (unsafe pickles included): one line naming it
-    raise UserError(f"cannot read the latent normalisation of the teacher {teacher_path} "
-                    f"({' '.join(str(e).split())[:200]}).") from None
+  # The teacher's own read (once per process, shared with the run) carries its latent normalisation.
+  norm = image_teacher.read_teacher(teacher_path).latents
   if norm is None:
     raise UserError(f"config.vae is set but the teacher {teacher_path} carries no latent normalisation (EDM2's "
                     "latent pickles do, as their StabilityVAEEncoder); unset --config.vae for a pixel-space teacher.")

@@ -73,7 +73,12 @@ def read_latent_normalization(path) -> Optional[LatentNormalization]:
     return LatentNormalization.from_json(json.loads(record.read_text())) if record.is_file() else None
   if path.suffix not in (".pkl", ".pickle"):
     return None
-  record = torch_files.load_edm_pickle_encoder(path)
+  return from_encoder_record(torch_files.load_edm_pickle_encoder(path))
+
+
+def from_encoder_record(record: Dict[str, Any]) -> Optional[LatentNormalization]:
+  """The normalisation of an EDM2 pickle's encoder record (`torch_files.read_edm_network_pickle`); None for
+  a pixel-space encoder or none."""
   if record.get("class_name") != "StabilityVAEEncoder":
     return None
   return LatentNormalization(tuple(record["scale"]), tuple(record["bias"]), record.get("vae_name", ""))

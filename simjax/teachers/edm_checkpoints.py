@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import flax.traverse_util
 import jax
@@ -223,17 +223,26 @@ def read_edm_checkpoint(path, *, arch: Union[None, Mapping[str, Any], str, os.Pa
                         ) -> Tuple[Dict[str, Any], dict]:
   """(arch, variables) from an EDM pickle, a state-dict file or a converted directory (`state`: the
   state-dict file's tensors when the caller has read them already)."""
+  arch, variables, _ = read_edm_source(path, arch=arch, state=state)
+  return arch, variables
+
+
+def read_edm_source(path, *, arch: Union[None, Mapping[str, Any], str, os.PathLike] = None, state=None
+                    ) -> Tuple[Dict[str, Any], dict, Optional[edm2_latents.LatentNormalization]]:
+  """(arch, variables, latent normalisation or None) from one read of the file: EDM2's latent networks carry
+  their normalisation in the pickle (its encoder record) or, converted, in latents.json."""
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"no such file or directory: {path}")
   if path.is_dir():
-    return load_converted(path)
+    return load_converted(path) + (edm2_latents.read_latent_normalization(path),)
   if path.suffix in _STATE_SUFFIXES:
     return convert_state_dict(_arch_for_state_file(path, arch),
-                              torch_files.load_state_dict(path) if state is None else state)
+                              torch_files.load_state_dict(path) if state is None else state) + (None,)
   if path.suffix in _PICKLE_SUFFIXES or arch is None:
-    pickle_arch, state = torch_files.load_edm_pickle(path)
-    return convert_state_dict(dict(arch) if isinstance(arch, Mapping) else pickle_arch, state)
+    pickle_arch, state, encoder = torch_files.read_edm_network_pickle(path)
+    return convert_state_dict(dict(arch) if isinstance(arch, Mapping) else pickle_arch, state) + (
+        edm2_latents.from_encoder_record(encoder),)
   raise ValueError(f"{path}: unknown checkpoint type; use an EDM .pkl, a .pt/.pth/.npz state dict or a converted directory.")
 
 
@@ -246,6 +255,8 @@ class Teacher:
   # The null condition as the checkpoint provides it (one row, no batch axis; e.g. PixArt's learned
   # empty caption); None: zeros (simjax.conditioning.null_like).
   null_cond: Any = None
+  # EDM2's latent normalisation (simjax.teachers.edm2_latents) for a latent-space network, else None.
+  latents: Any = None
   _denoise_fn: Callable = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
@@ -288,15 +299,15 @@ def load_teacher(path, *, arch=None, dtype=jnp.float32, precision=None) -> Teach
   precision: of the network's convolutions and matmuls; None is XLA's default (TF32 for float32 on
     recent NVIDIA GPUs, ~5e-4 from EDM's float32 output), jax.lax.Precision.HIGHEST for exact float32.
   """
-  arch, variables = read_edm_checkpoint(path, arch=arch)
-  return teacher_from_variables(arch, variables, dtype=dtype, precision=precision)
+  arch, variables, latents = read_edm_source(path, arch=arch)
+  return teacher_from_variables(arch, variables, dtype=dtype, precision=precision, latents=latents)
 
 
-def teacher_from_variables(arch, variables, *, dtype=jnp.float32, precision=None) -> Teacher:
+def teacher_from_variables(arch, variables, *, dtype=jnp.float32, precision=None, latents=None) -> Teacher:
   """The Teacher of an EDM arch dict and its converted variables."""
   module = build_precond(arch, dtype=dtype, precision=precision)
-  return Teacher(module=module, params=jax.tree_util.tree_map(jnp.asarray, variables), arch=arch)
+  return Teacher(module=module, params=jax.tree_util.tree_map(jnp.asarray, variables), arch=arch, latents=latents)
 
 
 __all__ = ["Teacher", "load_teacher", "teacher_from_variables", "convert_state_dict", "save_converted", "load_converted",
-           "read_edm_checkpoint", "read_arch_file"]
+           "read_edm_checkpoint", "read_edm_source", "read_arch_file"]

@@ -6,7 +6,7 @@ Noise for the *global* batch is drawn outside shard_map from fold_in(base_key, s
 gradients run inside `jax.shard_map`, averaged with explicit collectives (DESIGN.md section 2).
 """
 import math
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -101,10 +101,12 @@ class StepGrads(NamedTuple):
   Each is f(gen_params, fake_params, consts, z, cond, sigma, eps, rng[, real]) -> (mean loss, mean grads,
   metrics): `fake` the DSM loss of the fake score on stop-gradient generator samples (grads w.r.t. fake
   params; with the discriminator, its loss on `real` rows too, in metrics as disc_loss), `generator` the
-  generator loss (grads w.r.t. generator params; the adversarial term in metrics as adv_loss).
+  generator loss (grads w.r.t. generator params; the adversarial term in metrics as adv_loss). t_range is
+  the generator loss's (t_min, t_max), which the iteration draws its noise levels from.
   """
   fake: Callable
   generator: Callable
+  t_range: Tuple[float, float]
 
 
 def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object]) -> StepGrads:
@@ -230,7 +232,8 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
                     constrain_batch(eps, mesh), rng, real, jnp.asarray(adversarial_on, jnp.float32))
     return call
 
-  return StepGrads(fake=sharded(fake_local, specs["fake"]), generator=sharded(gen_local, specs["generator"]))
+  return StepGrads(fake=sharded(fake_local, specs["fake"]), generator=sharded(gen_local, specs["generator"]),
+                   t_range=loss_def.t_range)
 
 
 def fake_noise_on_grid(config, nets: DistillNetworks) -> bool:
@@ -280,7 +283,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
   fake_steps = int(config.fake_steps_per_iteration)
   step_grads = make_step_grads(nets, config, mesh, specs)
   gen_scale, fake_scale = loss_scales(config)
-  t_min, t_max = generator_losses.get_generator_loss(config.loss, math.prod(nets.data_shape)).t_range
+  t_min, t_max = step_grads.t_range
   discriminate = discriminator_needed(config, math.prod(nets.data_shape))
   adversarial_on = adversarial.settings(config)[0] > 0
   adversarial_start = adversarial.start_images(config)
