@@ -36,9 +36,10 @@ setup(
         "safetensors>=0.4",  # diffusers / transformers weight files, read without torch
     ],
     extras_require={
-        # The test extra carries the parity extra so the tests against PyTorch references run, not skip.
-        "test": ["pytest>=8.0", "torch>=2.13,<2.15", "diffusers>=0.42,<0.43", "transformers>=5.0,<6",
-                 "sentencepiece>=0.2", "gcsfs>=2024.2", "tensorflow-datasets>=4.9.10,<4.10"],
+        # The test extra carries the parity extra so the tests against PyTorch references run, not skip;
+        # pytest-xdist runs the suite on two workers (pytest.ini), one per core of a 2-core machine.
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch>=2.13,<2.15", "diffusers>=0.42,<0.43",
+                 "transformers>=5.0,<6", "sentencepiece>=0.2", "gcsfs>=2024.2", "tensorflow-datasets>=4.9.10,<4.10"],
         # Reference PyTorch implementations (random weights only) for the parity tests: EDM's files are
         # written with torch; PixArt, DiT, T5 and the VAE are diffusers' / transformers' modules.
         "parity": ["torch>=2.13,<2.15", "diffusers>=0.42,<0.43", "transformers>=5.0,<6"],
