@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+from simjax import draws
 from simjax import conditioning
 from simjax.conditioning import CondSpace
 from simjax.diffusion import samplers
@@ -100,7 +101,7 @@ def make_noise_fn(batch_size: int, data_shape, cond_space: CondSpace, mesh, cond
 
   def draw(key, pool):
     k_z, k_c = jax.random.split(key)
-    z = jax.random.normal(k_z, (batch_size,) + tuple(data_shape), jnp.float32)
+    z = draws.normal(k_z, (batch_size,) + tuple(data_shape), jnp.float32)
     return z, space.draw(k_c, batch_size, pool)
   out = mesh_lib.batch_shardings(mesh, jax.eval_shape(draw, jax.random.key(0), cond_pool))
   jitted = jax.jit(draw, out_shardings=out)

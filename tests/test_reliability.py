@@ -388,6 +388,45 @@ def test_checkpointer_steps_fingerprints_and_fallback_in_process(tmp_path):
   ckpt.close()
 
 
+def _numpy_fingerprint_word_sum(words):
+  """checkpoint._leaf_hash in NumPy: sum_i fmix(word_i ^ fmix(i)) + size, mod 2^32, over the row-major flat index."""
+  def fmix(h):
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+  words = np.ascontiguousarray(words).reshape(-1).astype(np.uint32)
+  index = np.arange(words.size, dtype=np.uint32)
+  return f"{(int(fmix(words ^ fmix(index)).sum(dtype=np.uint32)) + words.size) % 2**32:08x}"
+
+
+def test_state_fingerprint_is_the_documented_hash_of_every_leaf():
+  """The fingerprint stored in every checkpoint is one formula of each leaf's bits, whatever the leaf's dtype and
+  however it is compiled (one small program per leaf shape): so a checkpoint written before keeps verifying."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  from simjax.training import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((3, 5, 7)).astype(np.float32)
+  tree = {"w": jnp.asarray(w), "w2": jnp.asarray(w + 1), "b": jnp.asarray(w[0, 0] > 0),
+          "h": jnp.asarray(w[1].astype(ml_dtypes.bfloat16)), "step": jnp.int32(7), "key": jax.random.key(3),
+          "empty": {}}
+  expected = {"w": _numpy_fingerprint_word_sum(w.view(np.uint32)),
+              "w2": _numpy_fingerprint_word_sum((w + 1).view(np.uint32)),
+              "b": _numpy_fingerprint_word_sum((w[0, 0] > 0).astype(np.uint32)),
+              "h": _numpy_fingerprint_word_sum(w[1].astype(ml_dtypes.bfloat16).view(np.uint16)),
+              "step": _numpy_fingerprint_word_sum(np.array([7], np.int32).view(np.uint32)),
+              "key": _numpy_fingerprint_word_sum(np.asarray(jax.random.key_data(jax.random.key(3))))}
+  assert ckpt_lib.state_fingerprint(tree) == expected
+  assert expected["w"] != expected["w2"]
+  flipped = w.copy().view(np.uint32)
+  flipped[2, 4, 6] ^= 1  # one bit of the last element
+  assert ckpt_lib.state_fingerprint({"w": jnp.asarray(flipped.view(np.float32))})["w"] != expected["w"]
+
+
 def test_damaged_checkpoint_metadata_is_named_not_taken_for_an_old_checkpoint(tmp_path):
   """Orbax reads a garbled _CHECKPOINT_METADATA as "no metadata"; simjax names the damage and falls back."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from simjax import draws
+
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -58,7 +60,7 @@ def karras_sigmas(num_steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO):
 
 def sample_sigma_lognormal(key, shape, p_mean=-1.2, p_std=1.2):
   """EDM training noise levels: ln sigma ~ N(p_mean, p_std^2)."""
-  return jnp.exp(p_mean + p_std * jax.random.normal(key, shape, jnp.float32))
+  return jnp.exp(p_mean + p_std * draws.normal(key, shape, jnp.float32))
 
 
 def sample_sigma_karras_uniform(key, shape, t_max=0.8, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO, t_min=0.0):
@@ -69,7 +71,7 @@ def sample_sigma_karras_uniform(key, shape, t_max=0.8, sigma_min=SIGMA_MIN, sigm
   so t = 0 gives sigma_min and t_max caps the *largest* level: t_max = 0.8, rho = 7 puts sigma in
   [0.002, 24.4] with median ~1 (SiD, sid_training_loop's `sigma = (... + (1 - t) ...) ** rho`).
   """
-  t = jax.random.uniform(key, shape, jnp.float32, t_min, t_max)
+  t = draws.uniform(key, shape, jnp.float32, t_min, t_max)
   return karras_sigma(1.0 - t, sigma_min, sigma_max, rho)
 
 

@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from simjax import draws
 from simjax.diffusion import edm
 
 
@@ -36,7 +37,7 @@ def _make_step(denoise, sigmas, num_steps, s_churn, s_min, s_max, s_noise, key):
     if s_churn > 0:
       gamma = jnp.where((s_cur >= s_min) & (s_cur <= s_max), gamma_max, 0.0)
       s_hat = s_cur + gamma * s_cur
-      noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+      noise = draws.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
       x = x + jnp.sqrt(s_hat**2 - s_cur**2) * s_noise * noise
     else:
       s_hat = s_cur

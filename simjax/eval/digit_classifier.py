@@ -29,7 +29,8 @@ def train_classifier(x, labels, *, steps: int = 600, batch_size: int = 128, lr: 
   """Returns classifier params trained with Adam and light augmentation (1-pixel shifts)."""
   model = DigitClassifier(features)
   key = jax.random.key(seed)
-  params = model.init(key, jnp.zeros((1,) + x.shape[1:]))["params"]
+  # Jitted: run eagerly, flax's init compiles each of its ops on its own (3-4 s of XLA:CPU compiles).
+  params = jax.jit(model.init)(key, jnp.zeros((1,) + x.shape[1:]))["params"]
   opt = optax.adamw(lr, weight_decay=1e-4)
   x, labels = jnp.asarray(x), jnp.asarray(labels)
 

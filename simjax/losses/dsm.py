@@ -3,6 +3,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from simjax import draws
 from simjax.diffusion import edm
 
 
@@ -24,7 +25,7 @@ def draw_grid_noise(key, x0_shape, grid):
   k_t, k_eps = jax.random.split(key)
   table = jnp.asarray(grid, jnp.float32)
   sigma = table[jax.random.randint(k_t, x0_shape[:1], 0, table.shape[0])]
-  return sigma, jax.random.normal(k_eps, x0_shape, jnp.float32)
+  return sigma, draws.normal(k_eps, x0_shape, jnp.float32)
 
 
 def dsm_loss(params, denoise, x0, sigma, eps, sigma_data=edm.SIGMA_DATA):
@@ -44,4 +45,4 @@ def draw_dsm_noise(key, x0_shape, p_mean=-1.2, p_std=1.2):
   """Noise level (log-normal) and Gaussian noise for one DSM batch."""
   k_sigma, k_eps = jax.random.split(key)
   sigma = edm.sample_sigma_lognormal(k_sigma, x0_shape[:1], p_mean, p_std)
-  return sigma, jax.random.normal(k_eps, x0_shape, jnp.float32)
+  return sigma, draws.normal(k_eps, x0_shape, jnp.float32)

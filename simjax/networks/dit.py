@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simjax import draws
 from simjax.networks.attention import dot_product_attention
 
 Dtype = Any
@@ -195,7 +196,7 @@ class TransformerBlock(nn.Module):
   def __call__(self, h, cond_vec, context=None, context_mask=None):
     n, d = h.shape[0], self.width
     if self.adaln == "single":
-      table = self.param("scale_shift_table", lambda key, shape: jax.random.normal(key, shape) / np.sqrt(d), (6, d))
+      table = self.param("scale_shift_table", lambda key, shape: draws.normal(key, shape) / np.sqrt(d), (6, d))
       mods = table[None] + cond_vec.reshape(n, 6, d)
       first_norm_eps = self.norm_eps
     else:
@@ -377,7 +378,7 @@ class DiffusionTransformer(nn.Module):
 
     h = h.astype(jnp.float32)
     if self.adaln == "single":
-      table = self.param("scale_shift_table", lambda key, shape: jax.random.normal(key, shape) / np.sqrt(d), (2, d))
+      table = self.param("scale_shift_table", lambda key, shape: draws.normal(key, shape) / np.sqrt(d), (2, d))
       shift, scale = jnp.split(table[None] + emb[:, None], 2, axis=1)
       proj = "proj_out"
     else:

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simjax import draws
+
 Dtype = Any
 Precision = Any
 
@@ -44,13 +46,13 @@ FOURIER_SCALE = 16.0  # EDM's FourierEmbedding(scale=16).
 def edm_initializer(mode: str, fan_in: int, fan_out: int, gain: float = 1.0):
   """Returns a flax initializer drawing EDM's init `mode` scaled by `gain` (init_weight/bias)."""
   if mode == "xavier_uniform":
-    make = lambda key, shape: np.sqrt(6 / (fan_in + fan_out)) * jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+    make = lambda key, shape: np.sqrt(6 / (fan_in + fan_out)) * draws.uniform(key, shape, jnp.float32, -1.0, 1.0)
   elif mode == "xavier_normal":
-    make = lambda key, shape: np.sqrt(2 / (fan_in + fan_out)) * jax.random.normal(key, shape, jnp.float32)
+    make = lambda key, shape: np.sqrt(2 / (fan_in + fan_out)) * draws.normal(key, shape, jnp.float32)
   elif mode == "kaiming_uniform":
-    make = lambda key, shape: np.sqrt(3 / fan_in) * jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+    make = lambda key, shape: np.sqrt(3 / fan_in) * draws.uniform(key, shape, jnp.float32, -1.0, 1.0)
   elif mode == "kaiming_normal":
-    make = lambda key, shape: np.sqrt(1 / fan_in) * jax.random.normal(key, shape, jnp.float32)
+    make = lambda key, shape: np.sqrt(1 / fan_in) * draws.normal(key, shape, jnp.float32)
   else:
     raise ValueError(f"unknown init mode {mode!r}; use xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal.")
 
@@ -318,7 +320,7 @@ def train_dropout(module: nn.Module, x, rate: float, train: bool):
   """Dropout at `rate` from the module's 'dropout' rng in training; the identity otherwise."""
   if not train or rate == 0:
     return x
-  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+  keep = draws.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 

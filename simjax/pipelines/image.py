@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from simjax import draws
 from simjax import data as data_lib
 from simjax import exported, storage, tensorboard
 from simjax.conditioning import CondSpace
@@ -173,7 +174,7 @@ def grid_hook(config, workdir, distillation: distill.Distillation):
   nets, extra = distillation.nets, distillation.generator_extra
   n = int(config.grid_size) ** 2
   key = jax.random.key(int(config.eval.seed) + 7)
-  z = jax.random.normal(key, (n,) + nets.data_shape, jnp.float32)
+  z = draws.normal(key, (n,) + nets.data_shape, jnp.float32)
   labels = (jax.nn.one_hot(jnp.arange(n) % nets.label_dim, nets.label_dim) if nets.label_dim else None)
   gen = jax.jit(lambda p: nets.generate(p, extra, z, labels))
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from simjax import draws
 from simjax import data as data_lib
 from simjax import exported, storage, tensorboard
 from simjax.conditioning import CondSpace
@@ -282,7 +283,7 @@ def grid_hook(config, workdir, distillation: distill.Distillation, prompts, enco
   n = min(int(config.grid_size) ** 2, len(prompts))
   shown = list(prompts[:n])
   cond = jax.tree.map(jnp.asarray, encode(shown))
-  z = jax.random.normal(jax.random.key(int(config.eval.seed) + 7), (n,) + nets.data_shape, jnp.float32)
+  z = draws.normal(jax.random.key(int(config.eval.seed) + 7), (n,) + nets.data_shape, jnp.float32)
   gen = jax.jit(lambda p: nets.generate(p, extra, z, cond))
   decode = text_eval.make_decoder(config)
 

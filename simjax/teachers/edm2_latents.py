@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from simjax import draws
 from simjax import storage, torch_files
 from simjax.networks.vae import AutoencoderKL
 
@@ -102,7 +103,7 @@ def _decode(module: AutoencoderKL, params, latents, scale, bias):
 def _encode(module: AutoencoderKL, params, images, key, scale, bias):
   mean, logvar = module.apply(params, (jnp.asarray(images, jnp.float32) + 1.0) / 2.0,
                               method=AutoencoderKL.encode_moments)
-  raw = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  raw = mean if key is None else mean + jnp.exp(0.5 * logvar) * draws.normal(key, mean.shape, mean.dtype)
   return raw * scale + bias
 
 

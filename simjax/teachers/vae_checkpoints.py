@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simjax import draws
 from simjax import weight_files
 from simjax.networks.vae import AutoencoderKL
 from simjax.weight_files import CheckpointMismatch
@@ -138,7 +139,7 @@ def read_vae_checkpoint(path) -> Tuple[Dict[str, Any], dict, Dict[str, Any]]:
 @functools.partial(jax.jit, static_argnames="module")
 def _encode(module: AutoencoderKL, params, images, key, scaling, shift):
   mean, logvar = module.apply(params, images, method=AutoencoderKL.encode_moments)
-  z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  z = mean if key is None else mean + jnp.exp(0.5 * logvar) * draws.normal(key, mean.shape, mean.dtype)
   return (z - shift) * scaling
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from simjax import draws
 from simjax.data import augment as augment_lib
 from simjax.diffusion import edm
 from simjax.errors import UserError
@@ -91,7 +92,7 @@ def draw_generator_noise(key, batch, nets: DistillNetworks, mesh, cond_pool=None
   """Latents z and conditions for one batch of generator samples (global batch, sharded); text
   conditions are rows of `cond_pool`."""
   k_z, k_cond = jax.random.split(key)
-  z = constrain_batch(jax.random.normal(k_z, (batch,) + tuple(nets.data_shape), jnp.float32), mesh)
+  z = constrain_batch(draws.normal(k_z, (batch,) + tuple(nets.data_shape), jnp.float32), mesh)
   return z, constrain_batch(nets.cond_space.draw(k_cond, batch, cond_pool), mesh)
 
 
@@ -328,7 +329,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       sigma = edm.sample_sigma_karras_uniform(k_sigma, (batch,), t_max, float(config.sigma_min),
                                              float(config.sigma_max), float(config.rho), t_min=t_min)
       sigma = nets.snap_sigma(sigma)
-      eps = jax.random.normal(k_eps, z.shape, jnp.float32)
+      eps = draws.normal(k_eps, z.shape, jnp.float32)
       # SiDA adds its adversarial term once adversarial.start_images images have been drawn.
       started = (state.step.astype(jnp.float32) * batch >= adversarial_start).astype(jnp.float32)
       loss, grads, gen_metrics = step_grads.generator(params["generator"], params["fake"], consts, z, cond, sigma,

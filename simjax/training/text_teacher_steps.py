@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from simjax import draws
 from simjax.parallel import mesh as mesh_lib
 from simjax.training import state as state_lib
 from simjax.training.roles import Denoiser
@@ -65,7 +66,7 @@ def make_text_teacher_step(denoiser: Denoiser, encoder, config, mesh, specs, opt
     ids, mask = consts["tokens"][idx], consts["token_mask"][idx].astype(jnp.float32)
     drop = (jax.random.uniform(k_drop, (batch,)) < dropout).astype(jnp.float32)
     sigma = table[jax.random.randint(k_t, (batch,), 0, table.shape[0])]
-    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    eps = draws.normal(k_eps, x0.shape, jnp.float32)
     rows = constrain_batch((x0, ids, mask, drop, sigma, eps), mesh)
     x0, ids, mask, drop, sigma, eps = rows
     params_specs = {k: specs[k] for k in NETWORKS}
