@@ -68,14 +68,33 @@ def _leaf_hash(x):
   return jnp.sum(_fmix32(words ^ _fmix32(index)), dtype=jnp.uint32) + jnp.uint32(stride % 2**32)
 
 
+def _tree_hashes_impl(leaves):
+  if not leaves:
+    return jnp.zeros((0,), jnp.uint32)
+  return jnp.stack([_leaf_hash(x) for x in leaves])
+
+
 @functools.lru_cache(maxsize=None)
-def _leaf_hasher(replicated_sharding):
-  """The jitted hash of one leaf (compiled once per shape and dtype, so a state of hundreds of leaves costs a
-  few small compiles, not one program that grows with the leaf count: 6 s of XLA:CPU compile per state
-  before); with a mesh, its result is replicated so every host can read it."""
+def _hasher(replicated_sharding, per_leaf: bool):
+  """The jitted hash, of one leaf or of all; with a mesh, its result is replicated so every host can read it."""
+  fn = _leaf_hash if per_leaf else _tree_hashes_impl
   if replicated_sharding is None:
-    return jax.jit(_leaf_hash)
-  return jax.jit(_leaf_hash, out_shardings=replicated_sharding)
+    return jax.jit(fn)
+  return jax.jit(fn, out_shardings=replicated_sharding)
+
+
+def _tree_hashes(leaves):
+  """uint32 [len(leaves)]. In one process, one small program per leaf shape: a state of hundreds of leaves
+  costs a few compiles, where one program over all of them took 6 s of XLA:CPU compile per state. Across
+  processes, one program over all leaves: every process must run the same collectives in the same order,
+  and a program per leaf hung a two-process FSDP run."""
+  replicated = _replicated_on_mesh_of(leaves)
+  if jax.process_count() > 1:
+    hashes = [_hasher(replicated, False)(leaves)]
+  else:
+    hashes = [_hasher(replicated, True)(x) for x in leaves]
+  hashes = [h if h.is_fully_addressable else h.addressable_data(0) for h in hashes]  # this host's copy
+  return np.asarray(jax.device_get(hashes), np.uint32).reshape(-1)
 
 
 def _replicated_on_mesh_of(leaves):
@@ -103,10 +122,7 @@ def state_fingerprint(tree) -> dict:
   """{leaf path: 8-hex-digit hash of its bits}; computed on the devices, only the hashes come back."""
   paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in paths_leaves]
-  hasher = _leaf_hasher(_replicated_on_mesh_of(leaves))
-  # Multi-host: each host reads its own copy of the replicated result.
-  hashes = [h if h.is_fully_addressable else h.addressable_data(0) for h in map(hasher, leaves)]
-  hashes = np.asarray(jax.device_get(hashes), np.uint32).reshape(-1)
+  hashes = _tree_hashes(leaves)
   return {_path_name(p): f"{int(h):08x}" for (p, _), h in zip(paths_leaves, hashes)}
 
 
