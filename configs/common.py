@@ -52,6 +52,9 @@ def shared_config(pipeline: str):
   # loss.name='uni_instruct': the f-divergence (reverse_kl, forward_kl, jensen_shannon), its ratio q/p from the
   # discriminator below.
   c.loss.f = "reverse_kl"
+  # SiD's --return_logvar for EDM2 networks: the fake score's uncertainty u(sigma) (EDM2Precond's head) weights
+  # its DSM as EDM2 trains (lambda / e^u ||D - x0||^2 + dim u) and divides the generator's per-sample loss by e^u.
+  c.loss.logvar_weighting = False
 
   # SiDA's adversarial term (losses/adversarial.py): the fake score's encoder is also a discriminator of real
   # vs generated samples (trained when this is on, or for uni_instruct's ratio-weighted f), and the generator's loss

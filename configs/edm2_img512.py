@@ -14,9 +14,8 @@ A training snapshot (network-snapshot-*.pkl) or a post-hoc EMA reconstruction lo
 a `python -m simjax.convert_edm` directory of either. SiD's run_sid_edm2.sh (SiDA branch) for every size:
 batch 2048, Adam lr 5e-5 for both networks, betas (0, 0.999), tmax 800, init_sigma 2.5, EMA half-life 2 Mimg,
 forced weight normalisation of the trained networks (EDM2's, --force_normalization 1), duration 200 Mimg
-(100 for XXL), i.e. 97,657 steps at batch 2048. Left out: SiD's --return_logvar 1, which weights its losses
-by the fake score's EDM2 uncertainty exp(-logvar); simjax's networks return logvar (return_logvar=True)
-but the SIM loss does not use it.
+(100 for XXL), i.e. 97,657 steps at batch 2048, and --return_logvar 1 (loss.logvar_weighting): the fake
+score's EDM2 uncertainty u(sigma) weights its DSM as EDM2 trains and divides the generator loss by e^u.
 
 What it takes (benchmarks/sim_step.py --config=configs/edm2_img512.py --batch=1 --iteration_only --repeats=3; the README's
 "ImageNet teachers" table): for XS (125M parameters) on 2 CPU cores 14.6 s per iteration at batch 1
@@ -52,6 +51,7 @@ def get_config(arg=None):
   c.sigma_init = 2.5
   c.loss.distance = "pseudo_huber"
   c.loss.t_max = 0.8                  # sigma in [0.002, 24.4]
+  c.loss.logvar_weighting = True      # SiD's --return_logvar 1
   c.fake_p_mean = -0.4                # EDM2's img512 training distribution of noise levels (P_mean, P_std)
   c.fake_p_std = 1.0
 

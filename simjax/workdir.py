@@ -38,6 +38,7 @@ ADDED_KEYS = {
     "captions.distractors": 0.0,        # the digits' training captions as generated before the key
     "vae": "",                          # image runs: pixel space, as before the key
     "sample.classes": (),               # --mode=sample: uniformly drawn classes, as before the key
+    "loss.logvar_weighting": False,     # no EDM2 uncertainty weighting, as before the key
 }
 
 

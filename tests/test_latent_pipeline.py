@@ -84,6 +84,8 @@ def test_latent_distillation_decodes_grids_and_samples(assets, tmp_path):
   assert not assets["marker"].exists()
   metrics = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
   assert metrics and all(np.isfinite(m["gen_loss"]) for m in metrics if "gen_loss" in m), proc.stdout[-2000:]
+  # configs/edm2_img512.py weights the losses by the fake score's EDM2 uncertainty (SiD's --return_logvar 1).
+  assert all(np.isfinite(m["fake_logvar"]) for m in metrics if "gen_loss" in m), metrics
   # The grid shows decoded 16 x 16 RGB images (the VAE's 2x), not the 8 x 8 x 4 latents.
   grid = Image.open(sorted((wd / "samples").glob("grid_step*.png"))[-1])
   assert grid.mode == "RGB" and grid.width >= 2 * 16

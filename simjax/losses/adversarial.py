@@ -27,9 +27,11 @@ def cross_entropy(logits, real: bool):
   return jnp.mean(jax.nn.softplus(-logits if real else logits))
 
 
-def discriminator_loss(logits_real, logits_fake, sigma, sigma_data: float = edm.SIGMA_DATA):
-  """SiDA's discriminator loss on one device's batch: mean_i lambda(sigma_i) (CE(real, 1) + CE(fake, 0)) / 2."""
-  weight = jnp.mean(edm.edm_loss_weight(sigma, sigma_data))
+def discriminator_loss(logits_real, logits_fake, sigma, sigma_data: float = edm.SIGMA_DATA, sample_weight=None):
+  """SiDA's discriminator loss on one device's batch: mean_i lambda(sigma_i) s_i (CE(real, 1) + CE(fake, 0)) / 2,
+  s_i = sample_weight (1 when None; SiD's e^-u with EDM2's uncertainty)."""
+  lam = edm.edm_loss_weight(sigma, sigma_data)
+  weight = jnp.mean(lam if sample_weight is None else lam * sample_weight)
   return weight * 0.5 * (cross_entropy(logits_real, True) + cross_entropy(logits_fake, False))
 
 

@@ -13,6 +13,14 @@ def edm_dsm_loss(denoised, x0, sigma, sigma_data=edm.SIGMA_DATA):
   return edm.edm_loss_weight(sigma, sigma_data) * sq
 
 
+def uncertainty_weighted(per_sample, logvar, data_dim: int):
+  """EDM2's loss with its learned uncertainty u(sigma) (Karras et al. 2024, Eq. 21), per sample [N]:
+  per_sample / e^u + data_dim u, for a per-sample loss summed over data_dim elements (EDM2 adds u per element).
+  For fixed per_sample its minimum is at u = log(per_sample / data_dim), the per-element loss."""
+  chex.assert_equal_shape([per_sample, logvar])
+  return per_sample * jnp.exp(-logvar) + float(data_dim) * logvar
+
+
 def epsilon_loss(denoised, x0, sigma):
   """Per-sample DDPM loss ||eps_hat - eps||^2 summed over dims, eps_hat = (x_t - D) / sigma: [N]. The same
   as ||D - x0||^2 / sigma^2, the weighting a discrete epsilon-prediction teacher was trained with."""

@@ -193,7 +193,7 @@ def get_generator_loss(loss_config, data_dim: int) -> GeneratorLoss:
 
 def generator_loss(gen_params, fake_params, teacher_params, *, generate, per_sample_loss: PerSampleLoss, eps, sigma,
                    teacher_denoise=None, fake_denoise=None, denoise_pair=None, normalize: bool = True,
-                   normalize_floor: float = 1e-5, needs_ratio: bool = False):
+                   normalize_floor: float = 1e-5, needs_ratio: bool = False, sample_weight=None):
   """Mean generator loss over a batch; `jax.grad` of it w.r.t. gen_params is the generator's gradient.
 
   Args:
@@ -209,6 +209,7 @@ def generator_loss(gen_params, fake_params, teacher_params, *, generate, per_sam
     eps: diffusion noise, x0's shape; sigma: per-sample noise levels [N].
     normalize: weight each sample by DMD/SiD's 1 / sg(mean |x0 - D_p(x_t)|) (losses/sim.py).
     needs_ratio: the loss takes log q/p at x_t (GeneratorLoss.needs_ratio), from the fake's logits.
+    sample_weight: [N] factors of the per-sample weight (stop-gradient), e.g. SiD's e^-u of EDM2's uncertainty.
   Returns:
     (loss, aux) with aux holding x0, the per-sample loss and weight, and the logits where given.
   """
@@ -228,6 +229,9 @@ def generator_loss(gen_params, fake_params, teacher_params, *, generate, per_sam
   chex.assert_equal_shape([x0, d_teacher, d_fake])
   weight = (sim.dmd_normalizer(x0, d_teacher, normalize_floor) if normalize
             else jnp.ones(x0.shape[:1], jnp.float32))
+  if sample_weight is not None:
+    chex.assert_shape(sample_weight, x0.shape[:1])
+    weight = weight * jax.lax.stop_gradient(sample_weight)
   if needs_ratio:
     if logits is None:
       raise ValueError("this loss needs the density ratio: fake_denoise must return (D, discriminator logits).")

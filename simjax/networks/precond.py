@@ -167,13 +167,29 @@ class EDM2Precond(nn.Module):
     out = _denoise(self.unet, x, c.c_skip, c.c_out, c.c_in, c.c_noise, class_labels, augment_labels, train,
                    return_logits)
     # Always built, so that every checkpoint tensor has its parameter; XLA drops it when unused.
-    buffers = fourier_buffers(self.logvar_fourier_freqs, self.logvar_fourier_phases, self.logvar_channels, seed=1,
-                              what="EDM2Precond's uncertainty head")
-    logvar = MPConv(1, 0, jnp.float32, getattr(self.unet, "precision", None), name="logvar_linear")(
-        mp_fourier(c.c_noise, buffers.freqs, buffers.phases))
+    logvar = _logvar_layer(self, name="logvar_linear")(_logvar_features(self, sigma))
     if return_logvar:
       return out, logvar.reshape(-1, 1, 1, 1)
     return out
+
+
+def _logvar_features(precond: EDM2Precond, sigma):
+  """MPFourier(c_noise) of EDM2's uncertainty head: [N, logvar_channels]."""
+  buffers = fourier_buffers(precond.logvar_fourier_freqs, precond.logvar_fourier_phases, precond.logvar_channels,
+                            seed=1, what="EDM2Precond's uncertainty head")
+  return mp_fourier(edm_precondition(sigma, precond.sigma_data).c_noise, buffers.freqs, buffers.phases)
+
+
+def _logvar_layer(precond: EDM2Precond, **kwargs):
+  return MPConv(1, 0, jnp.float32, getattr(precond.unet, "precision", None), **kwargs)
+
+
+def edm2_logvar(precond: EDM2Precond, params, sigma):
+  """EDM2's uncertainty u(sigma) [N] from an EDM2Precond's 'params' alone: the head reads sigma only, so no
+  U-Net pass is needed (what __call__(..., return_logvar=True) returns beside D, flattened)."""
+  sigma = jnp.asarray(sigma, jnp.float32).reshape(-1)
+  u = _logvar_layer(precond).apply({"params": params["logvar_linear"]}, _logvar_features(precond, sigma))
+  return u.reshape(-1)
 
 
 PRECONDITIONERS = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond,

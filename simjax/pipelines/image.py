@@ -99,11 +99,9 @@ def validate(config, mode):
 
 def _validate_latents(config):
   """A latent teacher (config.vae): a checkpoint teacher carrying EDM2's latent normalisation, a VAE folder that
-  fits it; forced weight normalisation only on EDM2 networks."""
-  forced = [name for name in ("generator", "fake") if config.optim[name].get("forced_weight_normalization")]
+  fits it; EDM2's own settings only on EDM2 networks."""
+  _check_edm2_settings(config)
   if not config.get("vae"):
-    if forced and config.teacher.kind == "checkpoint" and config.teacher.checkpoint:
-      _check_edm2_teacher(config, forced)
     return
   if config.teacher.kind != "checkpoint":
     raise UserError("config.vae (a latent teacher) needs teacher.kind='checkpoint' with an EDM2 latent network.")
@@ -115,15 +113,27 @@ def _validate_latents(config):
     if data_lib.data_shape(config)[2] != codec.latent_channels:
       raise UserError(f"data.shape {tuple(config.data.shape)} has {config.data.shape[2]} channels but the teacher's "
                       f"latents have {codec.latent_channels}; set --config.data.shape to the latent shape.")
-  if forced:
-    _check_edm2_teacher(config, forced)
 
 
-def _check_edm2_teacher(config, forced):
-  teacher = image_teacher.read_teacher(str(config.teacher.checkpoint))
-  if precond_lib.precond_name_of(teacher.arch) != "EDM2Precond":
-    raise UserError(f"optim.{forced[0]}.forced_weight_normalization is EDM2's (its magnitude-preserving layers) but "
-                    f"the teacher is {precond_lib.precond_name_of(teacher.arch)}; set it to False.")
+def _check_edm2_settings(config):
+  """Forced weight normalisation (EDM2's magnitude-preserving layers) and loss.logvar_weighting (EDM2's
+  uncertainty head) need an EDM2 teacher, whose networks the generator and fake score copy."""
+  settings = [(f"optim.{name}.forced_weight_normalization", "its magnitude-preserving layers")
+              for name in ("generator", "fake") if config.optim[name].get("forced_weight_normalization")]
+  if config.loss.get("logvar_weighting"):
+    settings.append(("loss.logvar_weighting", "its uncertainty head u(sigma)"))
+  if not settings:
+    return
+  if config.teacher.kind == "train":
+    arch = image_teacher.teacher_arch_from_config(config)
+  elif config.teacher.kind == "checkpoint" and config.teacher.checkpoint:
+    arch = image_teacher.read_teacher(str(config.teacher.checkpoint)).arch
+  else:
+    return
+  if precond_lib.precond_name_of(arch) != "EDM2Precond":
+    (name, why), = settings[:1]
+    raise UserError(f"{name} is EDM2's ({why}) but the teacher is {precond_lib.precond_name_of(arch)}; "
+                    "set it to False.")
 
 
 # ----------------------------------------------------------------------------------------------

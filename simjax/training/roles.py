@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from simjax.conditioning import CondSpace
+from simjax.networks.precond import EDM2Precond, edm2_logvar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,15 @@ class Denoiser:
   def has_logits(self) -> bool:
     """Whether the network also gives discriminator logits (SiDA's encoder head): SongUNets and the MLP."""
     return "return_logits" in inspect.signature(type(self.module).__call__).parameters
+
+  @property
+  def has_logvar(self) -> bool:
+    """Whether the network carries EDM2's uncertainty head u(sigma) (EDM2Precond)."""
+    return isinstance(self.module, EDM2Precond)
+
+  def logvar(self, params, sigma):
+    """EDM2's uncertainty u(sigma) [N] from the params (no network pass); only where `has_logvar`."""
+    return edm2_logvar(self.module, params, sigma)
 
   @property
   def augment_dim(self) -> int:

@@ -82,6 +82,15 @@ def check_discriminator(config, data_dim: int, nets: DistillNetworks = None) -> 
   return True
 
 
+def check_logvar_weighting(config, nets: DistillNetworks = None) -> bool:
+  """loss.logvar_weighting (SiD's --return_logvar): only for a fake score with EDM2's uncertainty head."""
+  on = bool(config.loss.get("logvar_weighting", False))
+  if on and nets is not None and not nets.fake.has_logvar:
+    raise UserError(f"loss.logvar_weighting needs EDM2's uncertainty head (an EDM2 teacher), but the fake score is "
+                    f"{type(nets.fake.module).__name__}; set --config.loss.logvar_weighting=False.")
+  return on
+
+
 def draw_real(key, pool, batch, mesh):
   """`batch` rows of the real pool, uniformly with replacement (global batch, sharded)."""
   idx = jax.random.randint(key, (batch,), 0, pool["x"].shape[0])
@@ -135,6 +144,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
 
   sigma_data = float(config.sigma_data)
   fake_on_grid = fake_noise_on_grid(config, nets)
+  logvar_on = check_logvar_weighting(config, nets)
 
   def fake_local(gen_params, fake_params, consts, z, cond, sigma, eps, rng, real, adversarial_on):
     del adversarial_on
@@ -161,13 +171,21 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
                                     rng=jax.random.fold_in(rng, k), return_logits=discriminate)
       out = fake(x_g + s * eps, cond, augment_labels, 1)
       denoised, logits_fake = out if discriminate else (out, None)
-      dsm_loss = jnp.mean(dsm.epsilon_loss(denoised, x_g, sigma) if fake_on_grid else
-                          dsm.edm_dsm_loss(denoised, x_g, sigma, sigma_data))
-      metrics, total = {}, dsm_loss
+      per_sample = (dsm.epsilon_loss(denoised, x_g, sigma) if fake_on_grid else
+                    dsm.edm_dsm_loss(denoised, x_g, sigma, sigma_data))
+      dsm_loss = jnp.mean(per_sample)
+      metrics, total, sample_weight = {}, dsm_loss, None
+      if logvar_on:
+        # SiD's --return_logvar: the DSM as EDM2 trains it, with the fake score's own uncertainty u(sigma).
+        u = fake_nets.fake.logvar(fp, sigma)
+        total = jnp.mean(dsm.uncertainty_weighted(per_sample, u, data_dim))
+        metrics["fake_logvar"] = jnp.mean(u)
+        sample_weight = jnp.exp(-u)
       if discriminate:
         # SiDA: the real rows get the same noise levels and noise as the generated ones.
         _, logits_real = fake(real["x"] + s * eps, real.get("cond"), real_augment_labels, 4)
-        metrics["disc_loss"] = adversarial.discriminator_loss(logits_real, logits_fake, sigma, sigma_data)
+        metrics["disc_loss"] = adversarial.discriminator_loss(logits_real, logits_fake, sigma, sigma_data,
+                                                              sample_weight)
         total = total + discriminator_weight * metrics["disc_loss"]
       return fake_scale * total, (dsm_loss, metrics)
 
@@ -194,6 +212,9 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
         lambda p, x, s: gen_nets.fake.apply(p, consts["fake"], x, s, cond, return_logits=discriminate),
         pair, opts)
 
+    # SiD's --return_logvar: each sample's loss divided by e^u, u(sigma) the (frozen) fake score's uncertainty.
+    sample_weight = jnp.exp(-jax.lax.stop_gradient(gen_nets.fake.logvar(fake_full, sigma))) if logvar_on else None
+
     def loss_fn(gp_local):
       gp = mesh_lib.gather_params(gp_local, specs["generator"])
       loss, aux = generator_losses.generator_loss(
@@ -201,7 +222,7 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
           fake_denoise=fake_denoise, denoise_pair=denoise_pair, eps=eps, sigma=sigma,
           per_sample_loss=loss_def.per_sample,
           normalize=bool(config.loss.normalize), normalize_floor=float(config.loss.normalize_floor),
-          needs_ratio=loss_def.needs_ratio)
+          needs_ratio=loss_def.needs_ratio, sample_weight=sample_weight)
       metrics = {}
       if adversarial_weight:
         # SiDA's generator term on the same x_t, through the fake score's (frozen) encoder logits.
@@ -294,7 +315,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
     key = jax.random.fold_in(base_key, state.step)
     params, opt_state = dict(state.params), dict(state.opt_state)
     metrics = {}
-    fake_losses, fake_norms, disc_losses = [], [], []
+    fake_losses, fake_norms, fake_extras = [], [], []
     for j in range(fake_steps):
       k = jax.random.fold_in(key, j)
       k_noise, k_sigma, k_rng = jax.random.split(k, 3)
@@ -315,12 +336,11 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
                                                                     opt_state["fake"], grads)
       fake_losses.append(loss)
       fake_norms.append(state_lib.global_norm(grads) / fake_scale)
-      if discriminate:
-        disc_losses.append(fake_metrics["disc_loss"])
+      fake_extras.append(fake_metrics)  # disc_loss, fake_logvar where they are computed
     metrics["fake_loss"] = jnp.mean(jnp.stack(fake_losses))
     metrics["fake_grad_norm"] = jnp.mean(jnp.stack(fake_norms))
-    if discriminate:
-      metrics["disc_loss"] = jnp.mean(jnp.stack(disc_losses))
+    for name in fake_extras[0]:
+      metrics[name] = jnp.mean(jnp.stack([m[name] for m in fake_extras]))
     ema = dict(state.ema)
     if with_generator:
       k = jax.random.fold_in(key, fake_steps)
