@@ -422,8 +422,7 @@ def test_state_fingerprint_is_the_documented_hash_of_every_leaf():
               "key": _numpy_fingerprint_word_sum(np.asarray(jax.random.key_data(jax.random.key(3))))}
   assert ckpt_lib.state_fingerprint(tree) == expected
   # The one program over all leaves (what several processes run) gives the same hashes.
-  leaves = [x for x in jax.tree.leaves(tree)]
-  combined = np.asarray(ckpt_lib._hasher(None, False)(leaves))  # pylint: disable=protected-access
+  combined = np.asarray(ckpt_lib._hasher(None, False)(jax.tree.leaves(tree)))  # pylint: disable=protected-access
   assert [f"{int(h):08x}" for h in combined] == [expected[k] for k in sorted(expected)]
   assert expected["w"] != expected["w2"]
   flipped = w.copy().view(np.uint32)

@@ -117,6 +117,13 @@ def validate_common(config, data_dim: int = 1):
   return mesh
 
 
+def refuse_logvar_weighting(config):
+  """For the pipelines without EDM2 networks: loss.logvar_weighting reads EDM2's uncertainty head."""
+  if config.loss.get("logvar_weighting"):
+    raise UserError("loss.logvar_weighting is EDM2's (its uncertainty head u(sigma)) and this pipeline has no EDM2 "
+                    "networks; set it to False.")
+
+
 def validate_eval(config):
   """The evaluation's sizes, checked before training starts (a bad one would only fail after it)."""
   ev = config.eval

@@ -153,9 +153,7 @@ def validate(config, mode: str):
     raise UserError(f"mode {mode!r} is not available for the gmm pipeline (its teacher is analytic); use "
                     f"--mode={' / '.join(MODES)}.")
   common.validate_common(config)
-  if config.loss.get("logvar_weighting"):
-    raise UserError("loss.logvar_weighting is EDM2's (its uncertainty head u(sigma)) and this pipeline has no EDM2 "
-                    "networks; set it to False.")
+  common.refuse_logvar_weighting(config)
   mix = mixture.mixture_from_config(config.teacher)
   model_mix, t = standardize(mix, float(config.sigma_data))
   narrowest = float(np.min(np.asarray(model_mix.stds)) / float(config.sigma_data))

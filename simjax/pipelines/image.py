@@ -131,7 +131,7 @@ def _check_edm2_settings(config):
   else:
     return
   if precond_lib.precond_name_of(arch) != "EDM2Precond":
-    (name, why), = settings[:1]
+    name, why = settings[0]
     raise UserError(f"{name} is EDM2's ({why}) but the teacher is {precond_lib.precond_name_of(arch)}; "
                     "set it to False.")
 

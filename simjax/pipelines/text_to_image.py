@@ -47,9 +47,7 @@ def validate(config, mode):
     raise UserError(f"mode {mode!r} is not available for the text_to_image pipeline; use one of {MODES}.")
   shape = data_lib.data_shape(config)
   mesh = common.validate_common(config, int(np.prod(shape)))
-  if config.loss.get("logvar_weighting"):
-    raise UserError("loss.logvar_weighting is EDM2's (its uncertainty head u(sigma)) and this pipeline has no EDM2 "
-                    "networks; set it to False.")
+  common.refuse_logvar_weighting(config)
   guidance.check_config(config)
   mesh_lib.check_batch_divisible(int(config.eval.batch_size), mesh, "eval.batch_size")
   if len(shape) != 3:

@@ -82,10 +82,10 @@ def check_discriminator(config, data_dim: int, nets: DistillNetworks = None) -> 
   return True
 
 
-def check_logvar_weighting(config, nets: DistillNetworks = None) -> bool:
+def check_logvar_weighting(config, nets: DistillNetworks) -> bool:
   """loss.logvar_weighting (SiD's --return_logvar): only for a fake score with EDM2's uncertainty head."""
   on = bool(config.loss.get("logvar_weighting", False))
-  if on and nets is not None and not nets.fake.has_logvar:
+  if on and not nets.fake.has_logvar:
     raise UserError(f"loss.logvar_weighting needs EDM2's uncertainty head (an EDM2 teacher), but the fake score is "
                     f"{type(nets.fake.module).__name__}; set --config.loss.logvar_weighting=False.")
   return on
@@ -213,7 +213,8 @@ def make_step_grads(nets: DistillNetworks, config, mesh, specs: Dict[str, object
         pair, opts)
 
     # SiD's --return_logvar: each sample's loss divided by e^u, u(sigma) the (frozen) fake score's uncertainty.
-    sample_weight = jnp.exp(-jax.lax.stop_gradient(gen_nets.fake.logvar(fake_full, sigma))) if logvar_on else None
+    # (generator_loss stops its gradient.)
+    sample_weight = jnp.exp(-gen_nets.fake.logvar(fake_full, sigma)) if logvar_on else None
 
     def loss_fn(gp_local):
       gp = mesh_lib.gather_params(gp_local, specs["generator"])
