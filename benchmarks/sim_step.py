@@ -45,7 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from simjax import host_memory  # noqa: E402
+from simjax import xla_cpu  # noqa: E402
 from simjax.flops import jaxpr_flops, xla_flops  # noqa: E402
 from simjax.networks import precond as precond_lib  # noqa: E402
 from simjax.parallel import mesh as mesh_lib  # noqa: E402
@@ -226,7 +226,7 @@ def case_header(path, config, variant, batch, params):
   opts = perf_lib.resolve(config)
   return {"config": path, "variant": variant, "batch": batch,
           "compute_dtype": jnp.dtype(opts.compute_dtype).name, "remat": opts.remat,
-          "fuse_teacher_fake": opts.fuse_teacher_fake, "reuse_host_memory": host_memory.is_applied(),
+          "fuse_teacher_fake": opts.fuse_teacher_fake, "reuse_host_memory": xla_cpu.is_applied(),
           "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "params_per_network": precond_lib.count_params(params)}
 

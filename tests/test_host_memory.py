@@ -12,15 +12,15 @@ import sys
 import ml_collections
 import pytest
 
-from simjax import host_memory
+from simjax import xla_cpu
 from simjax.training import perf
 
-pytestmark = pytest.mark.skipif(not host_memory.supported(), reason="host memory reuse needs Linux with glibc")
+pytestmark = pytest.mark.skipif(not xla_cpu.supported(), reason="host memory reuse needs Linux with glibc")
 
 PROBE = r"""
 import json, resource, sys
 import ml_collections
-from simjax import host_memory
+from simjax import xla_cpu
 from simjax.training import perf
 cfg = ml_collections.ConfigDict({"perf": perf.default_config()})
 cfg.perf.reuse_host_memory = sys.argv[1]
@@ -36,7 +36,7 @@ for _ in range(9):
   step(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # The median call: now and then a small allocation lands in the freed block and the heap grows once.
-print(json.dumps({"faults_per_call": sorted(faults)[len(faults) // 2], "applied": host_memory.is_applied(),
+print(json.dumps({"faults_per_call": sorted(faults)[len(faults) // 2], "applied": xla_cpu.is_applied(),
                   "temp_pages": step.memory_analysis().temp_size_in_bytes / resource.getpagesize()}))
 """
 
@@ -66,12 +66,12 @@ def test_temporaries_are_reused_instead_of_faulted_in():
 
 HEAP_PROBE = r"""
 import ctypes, ctypes.util, json, resource, sys
-from simjax import host_memory
+from simjax import xla_cpu
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 if sys.argv[1] == "on":
-  host_memory.keep_freed_memory()
+  xla_cpu.keep_freed_memory()
 else:  # control: mmap off, but the largest *positive* trim threshold (2 GiB - 1), which a top above it passes
-  assert libc.mallopt(host_memory._M_MMAP_MAX, 0) == 1 and libc.mallopt(host_memory._M_TRIM_THRESHOLD, 2**31 - 1) == 1
+  assert libc.mallopt(xla_cpu._M_MMAP_MAX, 0) == 1 and libc.mallopt(xla_cpu._M_TRIM_THRESHOLD, 2**31 - 1) == 1
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 size = 2**31 + 2**28  # a 2.25 GiB block, like a CIFAR-10 iteration's temporaries at batch 4 on CPU
 faults = []

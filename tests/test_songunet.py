@@ -229,17 +229,25 @@ def _reference_resample(x, resample_filter, up, padding):
   return y
 
 
+@pytest.mark.parametrize("path", ["xla_cpu", "accelerator"])
 @pytest.mark.parametrize("resample_filter", [(1, 1), (1, 3, 3, 1)])
 @pytest.mark.parametrize("size", [(4, 6), (5, 3)])
-def test_fast_resampling_equals_edm_conv_definition(resample_filter, size):
-  """The slice/reshape resampling (no grouped or dilated convolutions) equals EDM's depthwise
-  conv2d / conv_transpose2d for both filters, up and down, every padding SongUNet uses (fused: 0,
+def test_both_resampling_forms_equal_edm_conv_definition(resample_filter, size, path):
+  """Both forms of EDM's depthwise conv2d / conv_transpose2d: XLA:CPU's slices and reshapes (no grouped or
+  dilated convolutions; simjax/xla_cpu.py) and the accelerators' depthwise convolutions, which the CPU
+  traces under xla_cpu.plain_forms(). Both filters, up and down, every padding SongUNet uses (fused: 0,
   plain: (K-1)//2), odd sizes included (the [1,1] 2x2-block fast path needs even sizes)."""
+  import contextlib
+  from simjax import xla_cpu
   from simjax.networks.songunet import downsample_2x, upsample_2x
   x = np.random.default_rng(0).standard_normal((2,) + size + (3,)).astype(np.float32)
+  forms = xla_cpu.plain_forms if path == "accelerator" else contextlib.nullcontext
   for padding in sorted({0, (len(resample_filter) - 1) // 2}):
     for up, resample in ((True, upsample_2x), (False, downsample_2x)):
-      out = jax.jit(lambda v: resample(v, resample_filter, padding))(x)
+      with forms():
+        out = jax.jit(lambda v: resample(v, resample_filter, padding))(x)
+        jaxpr = str(jax.make_jaxpr(lambda v: resample(v, resample_filter, padding))(x))
+      assert ("conv_general_dilated" in jaxpr) == (path == "accelerator"), (path, up)
       expected = _reference_resample(x, resample_filter, up, padding)
       assert out.shape == expected.shape, (up, padding)
       np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=1e-6, err_msg=f"up={up} padding={padding}")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simjax import draws
+from simjax import xla_cpu
 
 Dtype = Any
 Precision = Any
@@ -81,99 +82,35 @@ def conv_nhwc(x, w, *, padding=0, precision=None):
       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
 
 
-def _resample_taps(resample_filter: Sequence[float]) -> np.ndarray:
-  """EDM's 1-D resampling taps f / sum(f); resample_kernel_2d is their outer product."""
-  f = np.asarray(resample_filter, np.float32)
-  return f / f.sum()
-
-
-def _pad_axis(x, axis, low, high):
-  """Zero-pads (or, for negative amounts, crops) one axis."""
-  config = [(0, 0, 0)] * x.ndim
-  config[axis] = (low, high, 0)
-  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
-
-
-def _weighted_sum(terms):
-  """sum(tap * x) over (tap, x) pairs, skipping multiplications by exactly 1."""
-  total = None
-  for tap, x in terms:
-    term = x if tap == 1.0 else x * tap
-    total = term if total is None else total + term
-  return total
-
-
-def _downsample_axis(x, taps, padding, axis):
-  """y[i] = sum_k taps[k] x_pad[2 i + k] along `axis` (torch conv1d, stride 2, zero padding).
-
-  Polyphase form: the padded axis is split into (pairs, 2), so every tap is a unit-stride slice of
-  one phase; XLA fuses the whole thing into one loop, where a depthwise strided convolution is slow
-  on XLA:CPU.
-  """
-  num_taps, length = len(taps), x.shape[axis]
-  out = (length + 2 * padding - num_taps) // 2 + 1
-  pairs = out + (num_taps - 1) // 2
-  x = _pad_axis(x, axis, padding, 2 * pairs - length - padding)
-  x = x.reshape(x.shape[:axis] + (pairs, 2) + x.shape[axis + 1:])
-  phase = lambda k: jax.lax.index_in_dim(x, k % 2, axis + 1, keepdims=False)
-  return _weighted_sum((float(tap), jax.lax.slice_in_dim(phase(k), k // 2, k // 2 + out, axis=axis))
-                       for k, tap in enumerate(taps))
-
-
-def _upsample_axis(x, taps, padding, axis):
-  """torch conv_transpose1d(x, taps, stride=2, padding) along `axis`: y[2 i + k - padding] += taps[k] x[i].
-
-  Polyphase form: output phase r (o = 2 m + r) gathers the taps k = r + padding (mod 2) as
-  y_r[m] = sum_k taps[k] x[m + (r + padding - k) / 2]; the two phases are interleaved by a reshape.
-  No multiplications by the zeros a dilated convolution would insert.
-  """
-  num_taps, length = len(taps), x.shape[axis]
-  out = 2 * (length - 1) + num_taps - 2 * padding
-  per_phase = (out + 1) // 2
-  offsets = {r: [(k, (r + padding - k) // 2) for k in range(num_taps) if (r + padding - k) % 2 == 0] for r in (0, 1)}
-  all_offsets = [d for terms in offsets.values() for _, d in terms]
-  low = max(0, -min(all_offsets))
-  x = _pad_axis(x, axis, low, max(0, per_phase - length + max(all_offsets)))
-  phases = [_weighted_sum((float(taps[k]), jax.lax.slice_in_dim(x, d + low, d + low + per_phase, axis=axis))
-                          for k, d in offsets[r]) for r in (0, 1)]
-  y = jnp.stack(phases, axis=axis + 1)
-  y = y.reshape(y.shape[:axis] + (2 * per_phase,) + y.shape[axis + 2:])
-  return jax.lax.slice_in_dim(y, 0, out, axis=axis)
-
-
-def _is_box_2x(resample_filter, padding, x=None):
-  """True for DDPM++'s [1, 1] filter without padding on even-sized images: plain 2x2 blocks."""
-  box = len(resample_filter) == 2 and resample_filter[0] == resample_filter[1] and padding == 0
-  return box and (x is None or (x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0))
+def _depthwise_resample(x, kernel, **conv_kwargs):
+  """x convolved per channel with the 2-D `kernel` (torch groups=C), in float32 (as XLA:CPU's form sums)."""
+  channels = x.shape[-1]
+  k = jnp.broadcast_to(jnp.asarray(kernel, jnp.float32)[:, :, None, None], kernel.shape + (1, channels))
+  y = jax.lax.conv_general_dilated(x.astype(jnp.float32), k, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=channels, precision=jax.lax.Precision.HIGHEST, **conv_kwargs)
+  return y.astype(x.dtype)
 
 
 def upsample_2x(x, resample_filter, padding):
-  """torch conv_transpose2d(x, 4 outer(f, f), groups=C, stride=2, padding) with f = filter / sum.
+  """EDM's conv_transpose2d(x, 4 outer(f, f), groups=C, stride=2, padding), f = filter / sum(filter).
 
-  The 2-D filter is separable, 4 outer(f, f) = outer(2 f, 2 f), so it is two 1-D passes over H and
-  W. For the DDPM++ filter [1, 1] the taps are exactly 1: nearest-neighbour 2x repetition, written
-  as a broadcast (the cheapest form on XLA:CPU). Sums run in float32 (as a convolution
-  accumulates), the result is cast back to x's dtype.
-  """
-  if _is_box_2x(resample_filter, padding):
-    n, h, w, c = x.shape
-    return jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c)).reshape(n, 2 * h, 2 * w, c)
-  taps = 2.0 * _resample_taps(resample_filter)
-  y = _upsample_axis(x.astype(jnp.float32), taps, padding, axis=1)
-  return _upsample_axis(y, taps, padding, axis=2).astype(x.dtype)
+  On accelerators a depthwise transposed convolution; on XLA:CPU the same sums as slices
+  (simjax/xla_cpu.py)."""
+  if xla_cpu.in_use():
+    return xla_cpu.upsample_2x(x, resample_filter, padding)
+  kernel = 4.0 * resample_kernel_2d(resample_filter)
+  k = kernel.shape[0]
+  edge = (k - 1 - padding, k - 1 - padding)
+  return _depthwise_resample(x, kernel[::-1, ::-1], window_strides=(1, 1), padding=(edge, edge), lhs_dilation=(2, 2))
 
 
 def downsample_2x(x, resample_filter, padding):
-  """torch conv2d(x, outer(f, f), groups=C, stride=2, padding) with f = filter / sum: filtered 2x
-  decimation as two separable 1-D passes; for [1, 1] exactly the mean of each 2x2 block."""
-  if _is_box_2x(resample_filter, padding, x):
-    n, h, w, c = x.shape
-    blocks = x.astype(jnp.float32).reshape(n, h // 2, 2, w // 2, 2, c)
-    corner = lambda i, j: blocks[:, :, i, :, j, :]
-    return (((corner(0, 0) + corner(0, 1)) + (corner(1, 0) + corner(1, 1))) * 0.25).astype(x.dtype)
-  taps = _resample_taps(resample_filter)
-  y = _downsample_axis(x.astype(jnp.float32), taps, padding, axis=1)
-  return _downsample_axis(y, taps, padding, axis=2).astype(x.dtype)
+  """EDM's conv2d(x, outer(f, f), groups=C, stride=2, padding): on accelerators a depthwise strided
+  convolution; on XLA:CPU the same sums as slices (simjax/xla_cpu.py)."""
+  if xla_cpu.in_use():
+    return xla_cpu.downsample_2x(x, resample_filter, padding)
+  return _depthwise_resample(x, resample_kernel_2d(resample_filter), window_strides=(2, 2),
+                             padding=((padding, padding), (padding, padding)))
 
 
 class EDMLinear(nn.Module):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simjax import host_memory
+from simjax import xla_cpu
 from simjax.errors import UserError
 from simjax.training.roles import Denoiser, DistillNetworks
 
@@ -29,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.compute_dtype = "auto"            # auto: bfloat16 on GPU/TPU, float32 on CPU (XLA:CPU has no fast bf16)
   p.remat = ml_collections.ConfigDict({name: "none" for name in NETWORKS})  # per network, generator step
   p.fuse_teacher_fake = False         # teacher and fake score as one vmapped call over stacked params
-  p.reuse_host_memory = "auto"        # auto: on for the CPU backend (glibc); see simjax/host_memory.py
+  p.reuse_host_memory = "auto"        # auto: on for the CPU backend (glibc); see simjax/xla_cpu.py
   return p
 
 
@@ -82,25 +82,25 @@ def host_memory_mode(config) -> str:
 
 
 def _reuse_host_memory(mode: str, backend: Optional[str]) -> bool:
-  """Whether to keep freed host memory (simjax.host_memory): 'auto' does so where XLA's buffers live in
+  """Whether to keep freed host memory (simjax.xla_cpu): 'auto' does so where XLA's buffers live in
   host memory (the CPU backend) and glibc allows it."""
-  if mode == "on" and not host_memory.supported():
+  if mode == "on" and not xla_cpu.supported():
     raise UserError("perf.reuse_host_memory='on' needs glibc's malloc (Linux); set it to 'auto' or 'off'.")
   if mode == "auto":
-    return (backend or jax.default_backend()) == "cpu" and host_memory.supported()
+    return (backend or jax.default_backend()) == "cpu" and xla_cpu.supported()
   return mode == "on"
 
 
 def before_backend_start(config):
   """The part of host memory reuse that must precede JAX's backends: CPU programs run inline."""
-  if host_memory_mode(config) != "off" and host_memory.supported():
-    host_memory.run_cpu_programs_inline()
+  if host_memory_mode(config) != "off" and xla_cpu.supported():
+    xla_cpu.run_cpu_programs_inline()
 
 
 def apply_process_options(opts: PerfOptions):
   """The process-wide part of `opts` (host memory reuse); call once, before the first step."""
   if opts.reuse_host_memory:
-    host_memory.keep_freed_memory()
+    xla_cpu.keep_freed_memory()
 
 
 def _network_field(module) -> str:
@@ -151,56 +151,25 @@ def configure_networks(nets: DistillNetworks, opts: PerfOptions, *, remat: bool 
                              fake=one("fake", nets.fake))
 
 
-def after(tree, dependency):
-  """`tree` made data-dependent on `dependency` (adds 0 * one of its elements), so XLA cannot compute
-  anything from the result before `dependency` exists. XLA:CPU expands `optimization_barrier` away
-  and then schedules recomputation early; a data dependence holds on every backend. (A non-finite
-  dependency makes the result non-finite too, but then the gradient already is: the step is skipped.)"""
-  zero = jnp.zeros((), jnp.float32) * jnp.ravel(jax.tree.leaves(dependency)[0])[0].astype(jnp.float32)
-  return jax.tree.map(lambda a: a + zero.astype(a.dtype), tree)
-
-
 def recompute_in_backward(fn: Callable) -> Callable:
-  """fn(*args), keeping none of its activations: the backward pass re-runs fn's forward, and only once
-  the cotangent has arrived.
+  """fn(*args), keeping none of its activations: its forward pass is re-run in the backward pass.
 
-  Plain `jax.checkpoint` leaves the order to XLA's scheduler, and XLA:CPU hoists the recomputation
-  into the forward pass, which keeps the activations alive after all (measured: no memory saved).
-  All of fn's arguments get cotangents, so close over what is not differentiated.
+  jax.checkpoint on accelerators; on XLA:CPU, which hoists jax.checkpoint's recomputation back into the
+  forward pass, a custom VJP ordered by a data dependence (simjax/xla_cpu.py). All of fn's arguments get
+  cotangents, so close over what is not differentiated.
   """
-  @jax.custom_vjp
-  def run(*args):
-    return fn(*args)
-
-  def fwd(*args):
-    return fn(*args), args
-
-  def bwd(args, ct):
-    return jax.vjp(fn, *after(args, ct))[1](ct)
-
-  run.defvjp(fwd, bwd)
-  return run
+  if xla_cpu.in_use():
+    return xla_cpu.recompute_in_backward(fn)
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 def recompute_pair_in_backward(fn_a: Callable, fn_b: Callable) -> Callable:
-  """(args_a, args_b) -> (fn_a(*args_a), fn_b(*args_b)), both recomputed in the backward pass one after
-  the other: b's recomputation waits for a's input cotangents, so only one network's activations are
-  alive at a time (the teacher and the fake score of the generator step)."""
-  @jax.custom_vjp
-  def run(args_a, args_b):
-    return fn_a(*args_a), fn_b(*args_b)
-
-  def fwd(args_a, args_b):
-    return run(args_a, args_b), (args_a, args_b)
-
-  def bwd(res, cts):
-    (args_a, args_b), (ct_a, ct_b) = res, cts
-    grads_a = jax.vjp(fn_a, *after(args_a, ct_a))[1](ct_a)
-    grads_b = jax.vjp(fn_b, *after(args_b, grads_a))[1](ct_b)
-    return grads_a, grads_b
-
-  run.defvjp(fwd, bwd)
-  return run
+  """(args_a, args_b) -> (fn_a(*args_a), fn_b(*args_b)), both recomputed in the backward pass; on XLA:CPU one
+  after the other, so only one network's activations are alive at a time (simjax/xla_cpu.py)."""
+  if xla_cpu.in_use():
+    return xla_cpu.recompute_pair_in_backward(fn_a, fn_b)
+  run_a, run_b = recompute_in_backward(fn_a), recompute_in_backward(fn_b)
+  return lambda args_a, args_b: (run_a(*args_a), run_b(*args_b))
 
 
 def maybe_remat(fn: Callable, policy: str) -> Callable:
