@@ -4,7 +4,6 @@ Uses the harness of test_bad_inputs.py (one subprocess per case, run concurrentl
 was once accepted and failed later: a traceback after training, a NaN generator with exit 0, or a
 workdir with config.json written before the refusal.
 """
-import concurrent.futures
 import pickle
 import zipfile
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_bad_inputs import Case, run_case
+from test_bad_inputs import Case, run_cases
 
 GMM = "--config=configs/gmm2d.py"
 DIGITS = "--config=configs/digits.py"
@@ -110,9 +109,8 @@ def _cases(files):
 def outcomes(tmp_path_factory):
   root = tmp_path_factory.mktemp("bad_values")
   cases = _cases(_teacher_files(root / "teachers"))
-  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-    futures = {c.id: (c, pool.submit(run_case, c, root)) for c in cases}
-    return {k: (c, f.result()) for k, (c, f) in futures.items()}
+  results = run_cases(cases, root)
+  return {c.id: (c, results[c.id]) for c in cases}
 
 
 def test_each_bad_value_is_one_line_exit_2_and_leaves_the_workdir_absent(outcomes):

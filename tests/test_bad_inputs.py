@@ -1,7 +1,8 @@
 """Bad input to `simjax.main`: one line on stderr naming the problem and the fix, exit status 2, and
 the workdir untouched (absent stays absent; an existing one keeps every byte and mtime).
 
-Each case is one subprocess. They run concurrently in a module fixture (most stop at flag parsing
+Each case is one process of its own (forked from one that has imported the heavy dependencies: run_cases).
+They run concurrently in a module fixture (most stop at flag parsing
 or validation, before any compile: ~1-3 s each). To add a case (e.g. the image teacher's missing
 checkpoint or wrong resolution), append a `Case` to CASES; `setup` may prepare the workdir.
 """
@@ -163,30 +164,107 @@ def snapshot(path: Path):
   return out
 
 
-def run_case(case: Case, root: Path):
-  wd = root / case.id / "workdir"
-  wd.parent.mkdir(parents=True)
-  if case.setup:
-    case.setup(wd)
-  before = snapshot(wd)
+def _case_env(case: Case, root: Path) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(case.env or {})
   if case.id == "object_store_without_gcsfs":
     env.update(no_gcsfs(root / case.id / "site"))
-  cmd = [sys.executable, "-m", "simjax.main"] + [a.format(workdir=wd) for a in case.args]
   if case.in_workdir:
     env["PYTHONPATH"] = str(REPO)  # simjax itself, from a directory that is not the repository
-  proc = subprocess.run(cmd, cwd=wd if case.in_workdir else REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  return env
+
+
+def _prepare(case: Case, root: Path):
+  """(workdir, its snapshot, the command's arguments) with the case's setup done."""
+  wd = root / case.id / "workdir"
+  wd.parent.mkdir(parents=True)
+  if case.setup:
+    case.setup(wd)
+  return wd, snapshot(wd), [a.format(workdir=wd) for a in case.args]
+
+
+def run_case(case: Case, root: Path):
+  """(the finished `python -m simjax.main` process, the workdir's snapshot before, after)."""
+  wd, before, args = _prepare(case, root)
+  proc = subprocess.run([sys.executable, "-m", "simjax.main"] + args, cwd=wd if case.in_workdir else REPO,
+                        env=_case_env(case, root), capture_output=True, text=True, timeout=300)
   return proc, before, snapshot(wd)
+
+
+# Runs cases as `python -m simjax.main` does, each in a process of its own, forked from one that has already
+# imported simjax's heavy dependencies (JAX, flax, orbax, SciPy: ~2-4 s of CPU a process otherwise). No
+# backend is started and simjax.main (its flags) is not imported before the fork. The absl flags of modules
+# imported before it (absl.testing's and chex's --test_* flags) are also known to the child's parser; no case
+# uses them. Reads one JSON request a line, answers one line per finished case.
+_FORKING_RUNNER = r"""
+import json, os, runpy, signal, sys, traceback
+sys.path[0] = sys.argv[1]
+import jax, flax.linen, optax, orbax.checkpoint, scipy.stats
+import simjax.pipelines.gmm, simjax.pipelines.image, simjax.pipelines.text_to_image
+assert not jax._src.xla_bridge._backends, "a backend started before the fork"
+requests = [json.loads(line) for line in sys.stdin]
+running, parallel = {}, int(sys.argv[2])
+while requests or running:
+  while requests and len(running) < parallel:
+    req = requests.pop(0)
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+      signal.alarm(300)
+      for fd, name in ((1, "stdout"), (2, "stderr")):
+        os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+      os.chdir(req["cwd"])
+      os.environ.clear(); os.environ.update(req["env"])
+      sys.argv = [req["main"]] + req["args"]
+      code = 0
+      try:
+        runpy.run_module("simjax.main", run_name="__main__", alter_sys=True)
+      except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+          print(e.code, file=sys.stderr)
+      except BaseException:
+        traceback.print_exc(); code = 1
+      sys.stdout.flush(); sys.stderr.flush()
+      os._exit(code)
+    running[pid] = req["id"]
+  pid, status = os.wait()
+  print(json.dumps({"id": running.pop(pid), "returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+def run_cases(cases: Sequence[Case], root: Path, parallel: int = 3):
+  """{case id: run_case's triple} for many cases, most forked from one process (see _FORKING_RUNNER): those
+  with their own environment or working directory run as plain subprocesses."""
+  own_process = [c for c in cases if c.env or c.in_workdir or c.id == "object_store_without_gcsfs"]
+  forked = [c for c in cases if c not in own_process]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    plain = {c.id: pool.submit(run_case, c, root) for c in own_process}
+    prepared, lines = {}, []
+    for c in forked:
+      wd, before, args = _prepare(c, root)
+      prepared[c.id] = (wd, before, args)
+      lines.append(json.dumps({"id": c.id, "args": args, "cwd": str(REPO), "env": _case_env(c, root),
+                               "main": str(REPO / "simjax" / "main.py"), "stdout": str(wd.parent / "stdout"),
+                               "stderr": str(wd.parent / "stderr")}))
+    runner = subprocess.run([sys.executable, "-c", _FORKING_RUNNER, str(REPO), str(parallel)], cwd=REPO,
+                            input="\n".join(lines) + "\n", capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, timeout=1200)
+    assert runner.returncode == 0, runner.stderr[-3000:]
+    out = {}
+    for line in runner.stdout.splitlines():
+      done = json.loads(line)
+      wd, before, args = prepared[done["id"]]
+      out[done["id"]] = (subprocess.CompletedProcess(args, done["returncode"], (wd.parent / "stdout").read_text(),
+                                                     (wd.parent / "stderr").read_text()), before, snapshot(wd))
+    assert sorted(out) == sorted(prepared), runner.stderr[-3000:]
+    out.update({k: f.result() for k, f in plain.items()})
+  return out
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-  root = tmp_path_factory.mktemp("bad_inputs")
-  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-    futures = {c.id: pool.submit(run_case, c, root) for c in CASES}
-    return {k: f.result() for k, f in futures.items()}
+  return run_cases(CASES, tmp_path_factory.mktemp("bad_inputs"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -1,7 +1,7 @@
 """gmm-specific bad input: refused by main with exit 2 and one line, before the workdir is touched."""
 import pytest
 
-from test_bad_inputs import CONFIG, Case, run_case  # pylint: disable=unused-import
+from test_bad_inputs import CONFIG, Case, run_cases
 
 TWO_MODES = ["--config.teacher.stds=(0.1,0.1)", "--config.teacher.weights=(0.5,0.5)"]
 CASES = [
@@ -17,9 +17,14 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+  return run_cases(CASES, tmp_path_factory.mktemp("gmm_bad_inputs"))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_gmm_bad_input_is_refused_without_touching_the_workdir(tmp_path, case):
-  proc, before, after = run_case(case, tmp_path)
+def test_gmm_bad_input_is_refused_without_touching_the_workdir(outcomes, case):
+  proc, before, after = outcomes[case.id]
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-2000:]}"
   assert len(lines) == 1 and lines[0].startswith("simjax: error: ") and case.expect in lines[0], proc.stderr[-2000:]
