@@ -27,11 +27,26 @@ from simjax.training import checkpoint as ckpt_lib  # noqa: E402
 from simjax.training import distill  # noqa: E402
 
 
+def fail(message):
+  print(f"gmm_diagnose: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(workdir):
-  config = config_dict.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+  record = Path(workdir) / "config.json"
+  if not record.is_file():
+    fail(f"{record} does not exist; pass the workdir of a finished gmm run (python -m simjax.main "
+         "--config=configs/gmm_grid25.py --workdir=DIR).")
+  config = config_dict.ConfigDict(json.loads(record.read_text()))
+  if config.get("pipeline") != "gmm":
+    fail(f"{workdir} holds a {config.get('pipeline')!r} run; pass the workdir of a gmm run.")
+  if not (Path(workdir) / "checkpoints").is_dir():  # checked first: the Checkpointer would create it
+    fail(f"{workdir} has no checkpoint yet; run its training first.")
   distillation, problem = gmm.build(config)
   checkpointer = ckpt_lib.Checkpointer(epath.Path(workdir).resolve() / "checkpoints", 1, 100)
   try:
+    if not checkpointer.steps():  # restore_or_init would diagnose a fresh, untrained state instead
+      fail(f"{workdir} has no checkpoint yet; run its training first.")
     state, _, _ = distill.restore_or_init(distillation, config, checkpointer)
   finally:
     checkpointer.close()
@@ -60,4 +75,6 @@ def main(workdir):
 
 
 if __name__ == "__main__":
+  if len(sys.argv) != 2:
+    fail("usage: python benchmarks/gmm_diagnose.py WORKDIR (a finished gmm run).")
   main(sys.argv[1])

@@ -47,6 +47,13 @@ def main():
   ap.add_argument("--num_blocks", type=int, default=3)
   ap.add_argument("--batch", type=int, default=256)
   args = ap.parse_args()
+  for name, low in (("steps", 1), ("hidden", 1), ("num_blocks", 0), ("batch", 1)):
+    if getattr(args, name) < low:
+      print(f"gmm_map_fit: error: --{name} must be >= {low}, got {getattr(args, name)}.", file=sys.stderr)
+      sys.exit(2)
+  if not 0 < args.lr < float("inf"):
+    print(f"gmm_map_fit: error: --lr must be a finite value > 0, got {args.lr}.", file=sys.stderr)
+    sys.exit(2)
   centres, std = grid_marginal()
   transport = quantile_map(centres, std)
   mlp = MLPDenoiser(data_dim=2, hidden=args.hidden, num_blocks=args.num_blocks, emb_features=128, sigma_data=0.5)

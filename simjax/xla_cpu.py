@@ -44,9 +44,9 @@ import numpy as np
 _forced_off = False
 
 
-def in_use(backend=None) -> bool:
-  """Whether the XLA:CPU forms apply: on the CPU backend (`backend`, else JAX's default), unless `plain_forms()`."""
-  return not _forced_off and (backend or jax.default_backend()) == "cpu"
+def in_use() -> bool:
+  """Whether the XLA:CPU forms apply: on JAX's default backend being the CPU, unless inside `plain_forms()`."""
+  return not _forced_off and jax.default_backend() == "cpu"
 
 
 @contextlib.contextmanager
