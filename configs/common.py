@@ -226,8 +226,10 @@ def text_to_image_config():
   tt.log_every = 200
   tt.checkpoint_every = 1000
 
-  # digits only; distractors: the fraction of training captions given made-up words (digit_captions.py)
-  c.captions = ml_collections.ConfigDict(dict(per_image=8, eval_per_image=1, seed=0, distractors=0.0))
+  # digits only; distractors: the fraction of training captions given made-up words, word_fraction: the
+  # fraction that spell the digit out (digit_captions.py)
+  c.captions = ml_collections.ConfigDict(dict(per_image=8, eval_per_image=1, seed=0, distractors=0.0,
+                                              word_fraction=0.5))
 
   c.loss.huber_c_per_dim = 0.3
   c.loss.huber_c = 0.0

@@ -36,6 +36,7 @@ ADDED_KEYS = {
     "teacher_train.optim.grad_value_clip": 0.0,
     "fake_noise": "auto",               # EDM's lognormal draw for every continuous teacher, as before
     "captions.distractors": 0.0,        # the digits' training captions as generated before the key
+    "captions.word_fraction": 0.5,      # half the training captions spell the digit out, as before the key
     "vae": "",                          # image runs: pixel space, as before the key
     "sample.classes": (),               # --mode=sample: uniformly drawn classes, as before the key
     "loss.logvar_weighting": False,     # no EDM2 uncertainty weighting, as before the key

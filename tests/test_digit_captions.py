@@ -96,6 +96,23 @@ def test_articles_and_parsing():
   assert dc.parse_digit("a picture") is None and dc.parse_digit("3 or four") is None
 
 
+def test_word_fraction_sets_how_often_training_captions_spell_the_digit_out(digits):
+  train, held, th = digits
+  t, s = th.label(train.x, train.labels)
+  default = dc.make_captions(train.labels, t, s, split="train", per_image=4, seed=0)
+  assert default == dc.make_captions(train.labels, t, s, split="train", per_image=4, seed=0, word_fraction=0.5)
+  for fraction in (0.0, 0.8, 1.0):
+    caps = [c for per in dc.make_captions(train.labels, t, s, split="train", per_image=4, seed=0,
+                                         word_fraction=fraction) for c in per]
+    words = np.mean([dc.names_as_word(c) for c in caps])
+    assert abs(words - fraction) < 0.03, (fraction, words)
+    assert all(dc.parse_digit(c.text) == c.digit for c in caps)
+  # Evaluation captions stay half and half whatever the training fraction.
+  te, se = th.label(held.x, held.labels)
+  assert dc.make_captions(held.labels, te, se, split="eval", per_image=1, seed=0, word_fraction=1.0) == \
+      dc.make_captions(held.labels, te, se, split="eval", per_image=1, seed=0)
+
+
 def test_distractors_add_made_up_words_that_name_no_digit_or_attribute(digits):
   train, held, th = digits
   t, s = th.label(train.x, train.labels)

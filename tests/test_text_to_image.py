@@ -201,7 +201,8 @@ def test_a_continued_run_does_not_redo_the_teacher_or_the_embeddings(run):
 
 BAD_INPUTS = [("--mode=sample", "sample.prompts"), ("--config.text.prompts=/nonexistent/prompts.txt", "text.prompts"),
               ("--config.teacher.null=zeros", "teacher.null"), ("--config.eval.features=inception", "eval.features"),
-              ("--config.captions.distractors=1.5", "captions.distractors")]
+              ("--config.captions.distractors=1.5", "captions.distractors"),
+              ("--config.captions.word_fraction=-0.1", "captions.word_fraction")]
 
 
 def test_bad_text_to_image_input_exits_2_before_writing(tmp_path):

@@ -134,13 +134,15 @@ def _fix_articles(text: str) -> str:
 
 
 def make_captions(labels, thickness, slant, *, split: str, per_image: int, seed: int,
-                  distractors: float = 0.0) -> List[List[Caption]]:
+                  distractors: float = 0.0, word_fraction: float = 0.5) -> List[List[Caption]]:
   """per_image captions for each image (deterministic in seed): train phrasings for split='train', the
   held-out ones for 'eval'; each names the image's digit (word or numeral at random) and only attributes
   the image has (templates needing an attribute are drawn only for images that have it).
 
   distractors (train only): the fraction of captions given one or two made-up words at random places, so
-  the encoder learns to read the digit past words it has never seen, as the held-out phrasings' are."""
+  the encoder learns to read the digit past words it has never seen, as the held-out phrasings' are.
+  word_fraction (train only): the chance a caption spells its digit out rather than writing the numeral;
+  evaluation captions always draw half and half."""
   if split not in ("train", "eval"):
     raise ValueError(f"split={split!r}; use 'train' or 'eval'.")
   templates = TRAIN_TEMPLATES if split == "train" else EVAL_TEMPLATES
@@ -153,7 +155,7 @@ def make_captions(labels, thickness, slant, *, split: str, per_image: int, seed:
     for _ in range(int(per_image)):
       name = usable[rng.integers(len(usable))]
       text, needs_t, needs_s = templates[name]
-      d = WORDS[digit] if rng.random() < 0.5 else str(int(digit))
+      d = WORDS[digit] if rng.random() < (word_fraction if split == "train" else 0.5) else str(int(digit))
       t = _pick(rng, THICKNESS_WORDS, thick, split) if needs_t else ""
       s = _pick(rng, SLANT_WORDS, sl, split) if needs_s else ""
       words = text.format(d=d, t=t, s=s).split(" ")
@@ -204,3 +206,8 @@ def parse_digit(text: str) -> Optional[int]:
 def eval_only_words() -> Sequence[str]:
   """The attribute synonyms only evaluation captions use."""
   return [w for table in (THICKNESS_WORDS, SLANT_WORDS) for _, held in table.values() for w in held]
+
+
+def names_as_word(caption: Caption) -> bool:
+  """Whether the caption spells its digit out ('seven') rather than as a numeral ('7')."""
+  return WORDS[caption.digit] in _TOKEN.findall(caption.text.lower())

@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 
 from simjax import data as data_lib
+from simjax.data import digit_captions
 from simjax import exported, sampling, tensorboard
 from simjax.diffusion import edm, samplers
 from simjax.errors import UserError
@@ -120,6 +121,11 @@ def measure(features, ref, x, captions, thresholds, *, mesh, batch_size, nfe):
                                                           batch_size=batch_size)
   out = {"nfe": int(nfe), "num_samples": int(len(x)), "frechet_distance": float(fid_lib.frechet_distance(mu, sigma, *ref)),
          "caption_accuracy": float(np.mean(preds == labels))}
+  # Digits named as words must be read from several bytes; a numeral is one: reported apart.
+  as_word = np.asarray([digit_captions.names_as_word(c) for c in captions])[share]
+  for name, rows in (("words", as_word), ("numerals", ~as_word)):
+    if rows.any():
+      out[f"caption_accuracy_{name}"] = float(np.mean(preds[rows] == labels[rows]))
   hist = np.bincount(preds, minlength=10) / len(preds)
   out["min_class_fraction"] = float(hist.min())
   thickness, slant = thresholds.label(x, digits)

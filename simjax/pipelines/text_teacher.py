@@ -58,6 +58,10 @@ def validate(config, mesh):
   if not 0.0 <= float(config.captions.distractors) <= 1.0:
     raise UserError(f"captions.distractors is the fraction of training captions given made-up words and must lie in "
                     f"[0, 1], got {config.captions.distractors}; set --config.captions.distractors (e.g. 0.5).")
+  if not 0.0 <= float(config.captions.word_fraction) <= 1.0:
+    raise UserError(f"captions.word_fraction is the fraction of training captions that spell the digit out and must "
+                    f"lie in [0, 1], got {config.captions.word_fraction}; set --config.captions.word_fraction "
+                    f"(e.g. 0.5).")
   common.validate_ema(tt, "teacher_train.")
   state_lib.make_optimizer(tt.optim)
   mesh_lib.check_batch_divisible(int(tt.batch_size), mesh, "teacher_train.batch_size")
@@ -73,7 +77,7 @@ def validate(config, mesh):
 
 @functools.lru_cache(maxsize=4)
 def _caption_sets(holdout_fraction: float, split_seed: int, per_image: int, eval_per_image: int, seed: int,
-                  distractors: float):
+                  distractors: float, word_fraction: float):
   from simjax.data import digit_captions, digits  # pylint: disable=import-outside-toplevel
   train, held = digits.load_digits_splits(holdout_fraction, split_seed)
   thresholds = digit_captions.AttributeThresholds.fit(train.x, train.labels)
@@ -81,7 +85,7 @@ def _caption_sets(holdout_fraction: float, split_seed: int, per_image: int, eval
   for name, split, phrasing, n in (("train", train, "train", per_image), ("eval", held, "eval", eval_per_image)):
     thickness, slant = thresholds.label(split.x, split.labels)
     per = digit_captions.make_captions(split.labels, thickness, slant, split=phrasing, per_image=n, seed=seed,
-                                       distractors=distractors)
+                                       distractors=distractors, word_fraction=word_fraction)
     out[name] = [c for caps in per for c in caps]
     out[name + "_image"] = np.asarray([i for i, caps in enumerate(per) for _ in caps], np.int32)
   return out
@@ -92,7 +96,8 @@ def caption_sets(config):
   'eval_image', 'thresholds'}: deterministic in the config."""
   c = config.captions
   return _caption_sets(float(config.data.holdout_fraction), int(config.data.split_seed), int(c.per_image),
-                       int(c.eval_per_image), int(c.seed), float(c.distractors))
+                       int(c.eval_per_image), int(c.seed), float(c.distractors),
+                       float(c.word_fraction))
 
 
 def training_prompts(config):
