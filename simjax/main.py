@@ -84,17 +84,6 @@ def parse_flags(argv):
          "file defining get_config(), e.g. --config=configs/gmm2d.py.")
 
 
-def _chained(e: BaseException, kind):
-  """`e` or an exception it was raised from/while handling, if one is a `kind` (errors wrapped upstream)."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    if isinstance(e, kind):
-      return e
-    seen.add(id(e))
-    e = e.__cause__ or e.__context__
-  return None
-
-
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE.")
@@ -107,7 +96,7 @@ def main(argv):
   enable_compilation_cache()
   from simjax import pipelines, storage, tensorboard, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from simjax.training import checkpoint as ckpt_lib, loop as loop_lib  # pylint: disable=import-outside-toplevel
+  from simjax.training import loop as loop_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import perf as perf_lib  # pylint: disable=import-outside-toplevel
   try:
     perf_lib.before_backend_start(_CONFIG.value)  # first: nothing may start a backend before it
@@ -145,10 +134,6 @@ def main(argv):
       fail(_one_line(e))
     except loop_lib.NonFiniteError as e:
       fail(_one_line(e), EXIT_RUN_FAILED)
-    except RuntimeError as e:
-      if not _chained(e, ckpt_lib.NoCheckpointError):
-        raise
-      fail(_one_line(e))  # every checkpoint unreadable: refuse, the fix (--overwrite) is in the message
   except loop_lib.Preempted as e:
     print(f"simjax: preempted by signal {e.args[0] if e.args else '?'} outside the step loop; nothing unsaved "
           "was lost; rerun the same command to resume.", file=sys.stderr, flush=True)

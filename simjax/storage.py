@@ -8,11 +8,13 @@ logs are kept in memory and rewritten whole (`TextLog`).
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import re
 import time
 import uuid
 
+import numpy as np
 from etils import epath
 
 from simjax.errors import UserError
@@ -70,16 +72,38 @@ def _read_only(path: str) -> bool:
     return False
 
 
-def atomic_write_bytes(path, data: bytes):
-  """Writes `path` so a reader never sees part of it: one object on a store, temp file + rename locally."""
+@contextlib.contextmanager
+def atomic_writer(path):
+  """Yields a binary file that becomes `path` whole when the block ends, or never if it raises: a reader
+  never sees part of it. Locally the bytes stream to `<name>.tmp` (a shard can be GBs: no in-memory copy),
+  renamed at the end; on an object store they are buffered and written as one object (atomic on GCS).
+  A file belongs to one writer, so the temp name is never shared; a killed run's is overwritten."""
   path = epath.Path(path)
   if is_remote(path):
-    path.write_bytes(data)  # a single object write is atomic on GCS
+    buf = io.BytesIO()
+    yield buf
+    path.write_bytes(buf.getvalue())
     return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(data)
-  tmp.replace(path)
+  try:
+    with tmp.open("wb") as f:
+      yield f
+    tmp.replace(path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def atomic_write_bytes(path, data: bytes):
+  with atomic_writer(path) as f:
+    f.write(data)
+
+
+def atomic_write_npz(path, **arrays):
+  """np.savez to `path` through atomic_writer."""
+  with atomic_writer(path) as f:
+    np.savez(f, **arrays)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 
 import numpy as np
 
+from simjax.errors import UserError
+
 try:  # bfloat16 numpy dtype; ships with jax.
   import ml_dtypes
   _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -40,7 +42,7 @@ _PRECOND_CLASSES = {"EDMPrecond": "EDMPrecond", "VPPrecond": "VPPrecond", "VEPre
                     "iDDPMPrecond": "iDDPMPrecond", "Precond": "EDM2Precond"}
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(UserError):
   """A pickle asked for a global outside the allow-list (it may try to run code)."""
 
 

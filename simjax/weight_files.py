@@ -17,6 +17,7 @@ import flax
 import numpy as np
 
 from simjax import torch_files
+from simjax.errors import UserError
 
 # diffusers' names for one model's weights (transformer, VAE), in order of preference.
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
@@ -26,7 +27,7 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
 _SHARD = re.compile(r"-\d+-of-\d+\.(safetensors|bin)$")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
   """The tensors of a file do not fit the architecture (names the missing/unexpected/misshapen)."""
 
 

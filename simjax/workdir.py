@@ -8,6 +8,7 @@ from etils import epath
 
 import simjax
 from simjax import storage
+from simjax.errors import UserError
 
 # Keys a user may change when continuing a run: how long it runs and how it reports, not what it learns.
 RESUMABLE_CHANGES = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval", "sample",
@@ -43,8 +44,8 @@ ADDED_KEYS = {
 }
 
 
-class WorkdirError(ValueError):
-  pass
+class WorkdirError(UserError):
+  """The workdir holds another run, or records that cannot be read."""
 
 
 def _flatten(d, prefix=""):

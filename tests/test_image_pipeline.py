@@ -36,7 +36,8 @@ def run(tmp_path_factory):
   wd = tmp_path_factory.mktemp("digits")
   main(wd, "--config.num_steps=1")
   start = json.loads((wd / "eval" / "final.json").read_text())
-  proc = main(wd, f"--config.num_steps={SIM_STEPS}")
+  proc = main(wd, f"--config.num_steps={SIM_STEPS}", f"--config.eval.every={SIM_STEPS // 2}",
+              "--config.eval.periodic_samples=200")
   return wd, start, json.loads((wd / "eval" / "final.json").read_text()), proc
 
 
@@ -51,6 +52,16 @@ def test_teacher_training_lowers_dsm_loss(run):
   first, last = rows[0]["loss"], np.mean([r["loss"] for r in rows[-2:]])
   assert last < 0.8 * first, (first, last)
   assert (wd / "teacher" / "final" / "arch.json").exists()
+
+
+def test_periodic_evaluation_rows_carry_step_stage_and_time(run):
+  wd, _, _, _ = run
+  rows = read_jsonl(wd / "eval" / "periodic.jsonl")
+  assert [r["step"] for r in rows] == [SIM_STEPS // 2, SIM_STEPS], rows
+  for r in rows:
+    assert r["stage"] == "sim" and isinstance(r["time"], float) and r["num_samples"] == 200, r
+    assert np.isfinite(r["frechet_distance"]) and r["frechet_distance"] > 0, r
+  assert rows[0]["time"] < rows[1]["time"]
 
 
 def test_distillation_lowers_frechet_distance_from_the_generators_start(run):
@@ -102,6 +113,7 @@ def test_contract_files(run):
   assert images["samples/generator_grid"] == list(range(40, SIM_STEPS + 1, 40))
   assert images["samples/teacher_vs_generator"] == [1, SIM_STEPS]
   assert SIM_STEPS in scalars["eval/generator_frechet_distance"]
+  assert sorted(scalars["eval/periodic_frechet_distance"]) == [SIM_STEPS // 2, SIM_STEPS]
 
 
 def test_generator_sampling_is_deterministic_given_the_seed(run):

@@ -36,6 +36,12 @@ def readme_commands(section: str):
   return commands
 
 
+def readme_python(section: str, count: int):
+  """The first `count` ```python blocks after `section`."""
+  text = (REPO / "README.md").read_text()
+  return re.findall(r"```python\n(.*?)```", text[text.index(section):], re.S)[:count]
+
+
 def fresh_shell(command: str, cwd: Path, timeout: int = 900):
   # A login-free shell with the interpreter that runs the tests first on PATH (CI's venv), nothing inherited
   # that points at the repository.
@@ -86,6 +92,17 @@ def test_readme_first_command_runs_as_written_with_its_relative_workdir(tmp_path
   with open(wd / "samples" / "sample_generator.npz", "rb") as f:
     import numpy as np  # pylint: disable=import-outside-toplevel
     assert np.load(f)["x"].shape == (1000, 8, 8, 1)
+
+  # README's Python examples (load_teacher, load_generator), as written, on that run, with checks of what
+  # their comments promise.
+  teacher_block, generator_block = readme_python("In Python, `simjax.load_teacher", 2)
+  assert "simjax.load_teacher(" in teacher_block and "simjax.load_generator(" in generator_block
+  checks = ("import numpy as np\nassert d.shape == (4, 8, 8, 1) and np.isfinite(np.asarray(d)).all()\n"
+            "x = np.asarray(x)\nassert x.shape == (64, 8, 8, 1) and x.dtype == np.float32 and -1 <= x.min() "
+            "<= x.max() <= 1\nprint('examples ok')\n")
+  (cwd / "examples.py").write_text(teacher_block + generator_block + checks)
+  proc = fresh_shell("python examples.py", cwd)
+  assert proc.returncode == 0 and "examples ok" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
 
 
 if __name__ == "__main__":

@@ -155,8 +155,14 @@ def test_sim_from_prompts_runs_and_evaluates_on_held_out_phrasings(run):
   for row in (g, t, r):
     assert 0 <= row["caption_accuracy"] <= 1 and np.isfinite(row["frechet_distance"])
     assert 0 <= row["attribute_accuracy"] <= 1 and row["thickness_captions"] > 0
-  # Real held-out digits under their own captions: the classifier reads them right.
+  # Real held-out digits under their own captions: the classifier reads them right, whichever way the caption
+  # writes the digit and in every held-out phrasing.
   assert r["caption_accuracy"] > 0.85, r
+  assert r["caption_accuracy_words"] > 0.85 and r["caption_accuracy_numerals"] > 0.85, r
+  from simjax.data import digit_captions  # pylint: disable=import-outside-toplevel
+  for row in (g, t, r):
+    assert set(row["caption_accuracy_by_phrasing"]) == set(digit_captions.EVAL_TEMPLATES), row
+  assert min(r["caption_accuracy_by_phrasing"].values()) > 0.8, r
   rows = [row for row in read_jsonl(wd / "metrics.jsonl") if "gen_loss" in row]
   assert [row["step"] for row in rows] == list(range(10, SIM_STEPS + 1, 10))
   assert all(row["step_ok"] == 1 and np.isfinite(row["gen_loss"]) for row in rows), rows

@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from simjax import storage
 from simjax.errors import UserError
 from simjax.parallel.mesh import BATCH_AXES, DATA
 
@@ -388,7 +389,4 @@ def save_reference_stats(path: str | os.PathLike, mu, sigma) -> None:
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
     raise UserError(f"save_reference_stats needs mu [D] and sigma [D, D], got {mu.shape} and "
                      f"{sigma.shape}; pass the output of feature_statistics/compute_fid_stats.")
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
-    np.savez(f, mu=mu, sigma=sigma)
+  storage.atomic_write_npz(path, mu=mu, sigma=sigma)

@@ -31,14 +31,12 @@ def write_samples(workdir, name: str, x: np.ndarray, labels: Optional[np.ndarray
   `prompts` (one string per row) when text-conditioned."""
   if jax.process_index() != 0:
     return
-  buf = io.BytesIO()
   arrays = {"x": np.asarray(x)}
   if labels is not None:
     arrays["labels"] = np.asarray(labels)
   if prompts is not None:
     arrays["prompts"] = np.asarray([str(p) for p in prompts])
-  np.savez(buf, **arrays)
-  storage.atomic_write_bytes(epath.Path(workdir) / "samples" / f"{name}.npz", buf.getvalue())
+  storage.atomic_write_npz(epath.Path(workdir) / "samples" / f"{name}.npz", **arrays)
 
 
 def write_png(path, image: Image.Image):

@@ -299,10 +299,10 @@ def periodic_eval_hook(config, workdir, distillation: distill.Distillation):
     local_x = out.local_x if config.get("vae") else np.clip(out.local_x, -1, 1)
     row = measure(cache["features"], cache["ref"], local_x, _labels_to_int(out.local_labels), 1,
                   int(config.eval.num_classes), mesh=mesh, batch_size=batch, num_samples=num)
-    row["step"] = int(step)
+    scalars, row = row, {"step": int(step), "stage": "sim", "time": round(time.time(), 3), **row}  # as metrics.jsonl's
     if jax.process_index() == 0:
       storage.append_line(epath.Path(workdir) / "eval" / "periodic.jsonl", json.dumps(row) + "\n")
-      tensorboard.scalars(workdir, "sim", step, {f"eval/periodic_{k}": v for k, v in row.items() if k != "step"})
+      tensorboard.scalars(workdir, "sim", step, {f"eval/periodic_{k}": v for k, v in scalars.items()})
       print(f"[eval] step {step}: generator FD={row['frechet_distance']:.3f} "
             f"({row['num_samples']} samples)", flush=True)
   return hook

@@ -7,7 +7,9 @@ reports for each source:
   frechet_distance     in the digit classifier's features, against the training split (the held-out
                        real images' own distance is the metric's floor, under 'reference');
   caption_accuracy     the classifier's digit equals the digit the caption names (a source that ignores
-                       the prompt scores ~10%; mode collapse onto a few digits cannot pass);
+                       the prompt scores ~10%; mode collapse onto a few digits cannot pass), also
+                       apart for digits spelled as words / written as numerals (caption_accuracy_words,
+                       _numerals) and per held-out phrasing (caption_accuracy_by_phrasing);
   attribute_accuracy   the stroke thickness / slant measured on the image equals the one the caption
                        names (chance ~1/3 each), with thickness_ and slant_accuracy separately;
 and the teacher's guidance sweep (eval.guidance_sweep) under 'guidance_sweep'. Without a classifier
@@ -126,6 +128,9 @@ def measure(features, ref, x, captions, thresholds, *, mesh, batch_size, nfe):
   for name, rows in (("words", as_word), ("numerals", ~as_word)):
     if rows.any():
       out[f"caption_accuracy_{name}"] = float(np.mean(preds[rows] == labels[rows]))
+  phrasings = np.asarray([c.phrasing for c in captions])[share]
+  out["caption_accuracy_by_phrasing"] = {str(p): float(np.mean(preds[phrasings == p] == labels[phrasings == p]))
+                                         for p in sorted(set(phrasings))}
   hist = np.bincount(preds, minlength=10) / len(preds)
   out["min_class_fraction"] = float(hist.min())
   thickness, slant = thresholds.label(x, digits)
@@ -222,10 +227,10 @@ def _one_per_digit(captions, n):
 # ----------------------------------------------------------------------------------------------
 # --mode=sample
 
-def sample_mode(config, workdir, mesh):
+def sample_mode(config, workdir, mesh, read_teacher):
   """Images for the prompts of config.sample.prompts: samples/sample_<source>.npz (x, prompts), one PNG per
-  image in samples/prompts_<source>/ and a captioned grid samples/sample_<source>.png."""
-  from simjax.pipelines import text_to_image  # pylint: disable=import-outside-toplevel
+  image in samples/prompts_<source>/ and a captioned grid samples/sample_<source>.png. read_teacher() ->
+  (teacher, encode, null condition): called only for sample.source='teacher'."""
   from simjax.text import embedding_cache  # pylint: disable=import-outside-toplevel
   source, wd = config.sample.source, epath.Path(workdir)
   base = embedding_cache.read_prompts(config.sample.prompts, config.text.prompt_field)
@@ -240,11 +245,7 @@ def sample_mode(config, workdir, mesh):
                          describe="sample: generator 1 NFE")
     nfe = 1
   else:
-    teacher = text_to_image.read_teacher(config, workdir)
-    encode = text_to_image.PromptEncoder(config, workdir)
-    cache = text_to_image.cache_dir(config, workdir)
-    null = text_to_image.null_condition(config, teacher, cache) if config.teacher.null == "checkpoint" else (
-        jax.tree.map(lambda a: a[0], encode([""])))
+    teacher, encode, null = read_teacher()
     sampler = make_teacher_sampler(teacher.module, config, mesh, null, guidance.weight_of(config),
                                    int(config.eval.teacher_steps))
     x = sampler(teacher.params, encode(prompts), seed, "sample").x

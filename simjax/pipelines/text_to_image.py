@@ -174,7 +174,7 @@ def build_embeddings(config, workdir):
                                 encoder_id=str(encoder.path))
     null = encoder([""])
     if jax.process_index() == 0:
-      _write_npz(out / NULL_FILE, emb=null["emb"][0], mask=null["mask"][0])
+      storage.atomic_write_npz(out / NULL_FILE, emb=null["emb"][0], mask=null["mask"][0])
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("simjax embedding cache")
@@ -182,13 +182,6 @@ def build_embeddings(config, workdir):
     raise UserError(f"the embedding cache {out} is incomplete after encoding; rerun to finish it.")
   del encoder  # the text encoder leaves memory before the distillation starts
   return out
-
-
-def _write_npz(path, **arrays):
-  import io  # pylint: disable=import-outside-toplevel
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  storage.atomic_write_bytes(path, buf.getvalue())
 
 
 def null_condition(config, teacher, cache):
@@ -225,6 +218,17 @@ def read_teacher(config, workdir):
     raise UserError(f"teacher {path} is not text-conditioned (a class-label DiT?); the text_to_image pipeline "
                     "distils PixArt-family teachers.")
   return teacher
+
+
+def guided_teacher_parts(config, workdir):
+  """(teacher, prompt encoder, null condition) for sampling the guided teacher outside a distillation."""
+  teacher = read_teacher(config, workdir)
+  encode = PromptEncoder(config, workdir)
+  if config.teacher.null == "checkpoint":
+    null = null_condition(config, teacher, cache_dir(config, workdir))
+  else:
+    null = jax.tree.map(lambda a: a[0], encode([""]))
+  return teacher, encode, null
 
 
 def build_distillation(config, workdir, mesh, cache):
@@ -309,7 +313,7 @@ def run(config, workdir, mode="train_and_eval"):
   mesh = mesh_lib.make_mesh(config.mesh_shape)
   timings = {}
   if mode == "sample":
-    return text_eval.sample_mode(config, workdir, mesh)
+    return text_eval.sample_mode(config, workdir, mesh, lambda: guided_teacher_parts(config, workdir))
   if config.teacher.kind == "train" and mode in ("train_and_eval", "train", "train_teacher"):
     t0 = time.time()
     if text_teacher.train(config, workdir, mesh) != "done":

@@ -31,7 +31,6 @@ barrier before reading. encode_fn runs on this process's devices alone: processe
 numbers of times, so it must not be a computation over every host's devices.
 """
 import hashlib
-import io
 import json
 import math
 import time
@@ -243,7 +242,7 @@ def build_cache(prompts, encode_fn: Callable, tokenizer, out_dir, *, max_length:
   start, encoded = time.perf_counter(), 0
   for k in todo:
     arrays = _encode_shard(k, prompts, encode_fn, tokenizer, manifest, batch, out)
-    _write_npz(out / shard_name(k, n), arrays)
+    storage.atomic_write_npz(out / shard_name(k, n), **arrays)
     encoded += len(arrays["index"])
     rate = encoded / max(time.perf_counter() - start, 1e-9)
     say(f"{prefix} shard {k + 1}/{n} (prompts {min((k + 1) * shard_size, num)}/{num}) {rate:.0f} prompts/s")
@@ -353,26 +352,6 @@ def _from_stored(a: np.ndarray, dtype: str) -> np.ndarray:
   if dtype == "bfloat16":
     return a.view(ml_dtypes.bfloat16).astype(np.float32)
   return a.astype(np.float32)
-
-
-def _write_npz(path, arrays: dict):
-  """One shard, whole or not at all: streamed to `<name>.tmp` and renamed locally (a shard can be GBs:
-  no in-memory copy), one object write on gs://. A shard belongs to one process, so the temp name is
-  never shared, and a killed run's temp file is overwritten by the rerun."""
-  if storage.is_remote(path):
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    storage.atomic_write_bytes(path, buf.getvalue())
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  try:
-    with tmp.open("wb") as f:
-      np.savez(f, **arrays)
-    tmp.replace(path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def setup_state(optimizers, config, mesh, checkpointer, *, init_fn, ema_names):
       logging.info("resumed from checkpoint step %d", step)
       return state, shardings, specs
     except ckpt_lib.NoCheckpointError as e:
-      raise RuntimeError(f"no readable checkpoint in {checkpointer.directory} ({e}); "
+      raise UserError(f"no readable checkpoint in {checkpointer.directory} ({e}); "
                          "rerun with --overwrite to start over, or restore the files.") from None
   # Params are an argument, not a closure: a copied 55M-parameter teacher must not become an HLO constant.
   init = jax.jit(lambda p: state_lib.new_state(p, optimizers, ema_names), out_shardings=shardings)
