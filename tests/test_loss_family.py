@@ -187,28 +187,6 @@ def test_sid_with_y_detached_fails_the_same_check(alpha):
   assert rel_err(g, fd) > 3 * REL_TOL, (g, fd)
 
 
-@pytest.mark.parametrize("teacher_name", sorted(TEACHERS))
-@pytest.mark.parametrize("sigma", SIGMAS)
-def test_diff_instruct_gradient_matches_finite_differences_of_the_kl(teacher_name, sigma):
-  teacher = TEACHERS[teacher_name]
-  with jax.enable_x64(True):
-    z, eps = draws()
-    g = surrogate_gradient(registered("diff_instruct"), teacher, sigma, z, eps)
-    fd = finite_differences(kl_objective(teacher, sigma, z, eps))
-  assert np.linalg.norm(fd) > 1e-3, "degenerate case: the KL is flat at theta0"
-  assert rel_err(g, fd) < REL_TOL, (g, fd)
-
-
-@pytest.mark.parametrize("teacher_name", sorted(TEACHERS))
-def test_diff_instruct_without_stop_gradient_fails_the_same_check(teacher_name):
-  teacher = TEACHERS[teacher_name]
-  with jax.enable_x64(True):
-    z, eps = draws()
-    g = surrogate_gradient(diff_instruct_without_stop_gradient, teacher, 0.7, z, eps)
-    fd = finite_differences(kl_objective(teacher, 0.7, z, eps))
-  assert rel_err(g, fd) > 3 * REL_TOL, (g, fd)
-
-
 def weighted_ratio_objective(teacher, sigma, z, eps, weight):
   """sigma^2 mean_i w_i [log q_theta0(x_t,i) - log p(x_t,i)] on the moving samples x_t,i(theta): every density
   exact, q and the weights frozen at theta0 (as the fake score and DMD's stop-gradient normaliser are). Its
@@ -240,25 +218,42 @@ def dmd_weights_at_theta0(teacher, sigma, z, eps):
   return sim.dmd_normalizer(x0, mixture.denoise(teacher, x_t, jnp.full((N,), sigma, jnp.float64)))
 
 
+def diff_instruct_check(teacher, sigma, z, eps, wrong=False):
+  """(gradient, finite differences) of diff_instruct against the closed-form integral KL; wrong=True: no sg."""
+  loss = diff_instruct_without_stop_gradient if wrong else registered("diff_instruct")
+  return (surrogate_gradient(loss, teacher, sigma, z, eps),
+          finite_differences(kl_objective(teacher, sigma, z, eps)))
+
+
+def dmd_check(teacher, sigma, z, eps, wrong=False):
+  """(gradient, finite differences) of dmd against the weighted density ratio; wrong=True: the normaliser
+  left differentiable."""
+  weight = dmd_weights_at_theta0(teacher, sigma, z, eps)
+  return (dmd_surrogate_gradient(teacher, sigma, z, eps, stop_normalizer=not wrong),
+          finite_differences(weighted_ratio_objective(teacher, sigma, z, eps, weight)))
+
+
+# The density-ratio losses: each checked against its closed-form objective, each with its wrong construction.
+RATIO_CHECKS = {"diff_instruct": diff_instruct_check, "dmd": dmd_check}
+
+
+@pytest.mark.parametrize("loss", sorted(RATIO_CHECKS))
 @pytest.mark.parametrize("teacher_name", sorted(TEACHERS))
 @pytest.mark.parametrize("sigma", SIGMAS)
-def test_dmd_gradient_matches_finite_differences_of_the_weighted_density_ratio(teacher_name, sigma):
-  teacher = TEACHERS[teacher_name]
+def test_density_ratio_loss_gradient_matches_finite_differences(loss, teacher_name, sigma):
   with jax.enable_x64(True):
     z, eps = draws()
-    g = dmd_surrogate_gradient(teacher, sigma, z, eps)
-    fd = finite_differences(weighted_ratio_objective(teacher, sigma, z, eps, dmd_weights_at_theta0(teacher, sigma, z, eps)))
+    g, fd = RATIO_CHECKS[loss](TEACHERS[teacher_name], sigma, z, eps)
   assert np.linalg.norm(fd) > 1e-3, "degenerate case: the objective is flat at theta0"
   assert rel_err(g, fd) < REL_TOL, (g, fd)
 
 
+@pytest.mark.parametrize("loss", sorted(RATIO_CHECKS))
 @pytest.mark.parametrize("teacher_name", sorted(TEACHERS))
-def test_dmd_with_a_differentiable_normaliser_fails_the_same_check(teacher_name):
-  teacher = TEACHERS[teacher_name]
+def test_density_ratio_loss_wrong_construction_fails_the_same_check(loss, teacher_name):
   with jax.enable_x64(True):
     z, eps = draws()
-    g = dmd_surrogate_gradient(teacher, 0.7, z, eps, stop_normalizer=False)
-    fd = finite_differences(weighted_ratio_objective(teacher, 0.7, z, eps, dmd_weights_at_theta0(teacher, 0.7, z, eps)))
+    g, fd = RATIO_CHECKS[loss](TEACHERS[teacher_name], 0.7, z, eps, wrong=True)
   assert rel_err(g, fd) > 3 * REL_TOL, (g, fd)
 
 
