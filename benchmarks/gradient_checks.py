@@ -35,14 +35,8 @@ def loss_error(name, teacher, sigma, z, eps, wrong=False):
     per = lf.sid_with_y_detached(alpha) if wrong else lf.registered("sid", alpha=alpha)
     return lf.rel_err(lf.surrogate_gradient(per, teacher, sigma, z, eps),
                       lf.finite_differences(lf.sid_objective(teacher, sigma, alpha, z, eps)))
-  if name == "diff_instruct":
-    per = lf.diff_instruct_without_stop_gradient if wrong else lf.registered("diff_instruct")
-    return lf.rel_err(lf.surrogate_gradient(per, teacher, sigma, z, eps),
-                      lf.finite_differences(lf.kl_objective(teacher, sigma, z, eps)))
-  if name == "dmd":
-    w = lf.dmd_weights_at_theta0(teacher, sigma, z, eps)
-    return lf.rel_err(lf.dmd_surrogate_gradient(teacher, sigma, z, eps, stop_normalizer=not wrong),
-                      lf.finite_differences(lf.weighted_ratio_objective(teacher, sigma, z, eps, w)))
+  if name in lf.RATIO_CHECKS:
+    return lf.rel_err(*lf.RATIO_CHECKS[name](teacher, sigma, z, eps, wrong=wrong))
   f = generator_losses.F_DIVERGENCES[name.split("=")[1]]
   fd = lf.finite_differences(lf.f_expansion_objective(f, teacher, sigma, z, eps))
   if wrong and name == "f=reverse_kl":  # its weights are constant: the control drops the density branch
