@@ -122,6 +122,37 @@ def test_bad_latent_configs_exit_2_before_writing(assets, tmp_path, bad, problem
   assert not wd.exists()
 
 
+def test_evaluation_features_see_decoded_images(assets, monkeypatch):
+  """The default suite's check that evaluation decodes before features (the slow test runs FID end to end):
+  make_features on a latent config feeds the feature space codec.decode(latents), 16 x 16 RGB in [-1, 1]
+  from the pickle's latent normalisation, never the 8 x 8 x 4 latents."""
+  from simjax import config_files  # pylint: disable=import-outside-toplevel
+  from simjax.pipelines import image_eval  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  class RecordingFeatures:  # stands in for the FID Inception (same constructor and fn contract)
+    has_classes = False
+
+    def __init__(self, config, mesh):
+      del config, mesh
+      self.fn = lambda images: (seen.append(images.shape) or jnp.concatenate(
+          [jnp.mean(images, axis=(1, 2)), jnp.std(images, axis=(1, 2))], axis=-1), None)
+
+  monkeypatch.setattr(image_eval, "InceptionFeatures", RecordingFeatures)
+  config = config_files.load(REPO / "configs" / "edm2_img512.py").get_config(str(assets["teacher"]))
+  config.vae = str(assets["root"] / "vae")
+  features = image_eval.make_features(config, None, None, None)
+  assert isinstance(features, image_eval.DecodedFeatures)
+  latents = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32) * 0.5
+  feats, classes = features.fn(latents)
+  images = np.asarray(image_eval.latent_codec(config).decode(latents))
+  assert seen == [(2, 16, 16, 3)] and classes is None
+  assert images.min() >= -1 and images.max() <= 1 and images.std() > 0.01
+  np.testing.assert_allclose(np.asarray(feats), np.concatenate([images.mean((1, 2)), images.std((1, 2))], -1),
+                             atol=1e-5)
+  assert read_latent_normalization(assets["teacher"]) == image_eval.latent_codec(config).norm
+
+
 def _hashed_inception(path):
   spec = importlib.util.spec_from_file_location("hashed_weights", FIXTURES / "hashed_weights.py")
   hashed = importlib.util.module_from_spec(spec)
