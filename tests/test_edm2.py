@@ -239,6 +239,14 @@ def test_latent_normalization_from_the_pickle_and_converted_directory(tmp_path, 
   assert load_teacher(out).latents == norm and len(reads) == 2
   with pytest.raises(ValueError, match="non-zero"):
     LatentNormalization((1.0, 0.0), (0.0, 0.0))
+  # A record with other statistics gives those, not EDM2's defaults: the values are read, not assumed.
+  scale, bias = np.float32([0.1, 0.2, 0.3, 0.4]), np.float32([-1.0, 0.5, 2.0, 0.25])
+  other = tmp_path / "other.pkl"
+  other.write_bytes(_edm2_pickle(config, state, tmp_path / "marker", extra_encoder_state={"scale": scale, "bias": bias}))
+  read = read_latent_normalization(other)
+  np.testing.assert_allclose(read.scale, scale)
+  np.testing.assert_allclose(read.bias, bias)
+  assert read != norm and load_teacher(other).latents == read
 
 
 def test_latent_codec_matches_edm2s_encoder_on_a_diffusers_vae(tmp_path):
