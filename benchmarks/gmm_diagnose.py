@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
+from simjax import workdir as workdir_lib  # noqa: E402
 from simjax.pipelines import gmm  # noqa: E402
 from simjax.teachers import mixture  # noqa: E402
 from simjax.training import checkpoint as ckpt_lib  # noqa: E402
@@ -37,7 +38,7 @@ def main(workdir):
   if not record.is_file():
     fail(f"{record} does not exist; pass the workdir of a finished gmm run (python -m simjax.main "
          "--config=configs/gmm_grid25.py --workdir=DIR).")
-  config = config_dict.ConfigDict(json.loads(record.read_text()))
+  config = config_dict.ConfigDict(workdir_lib.with_added_keys(json.loads(record.read_text())))
   if config.get("pipeline") != "gmm":
     fail(f"{workdir} holds a {config.get('pipeline')!r} run; pass the workdir of a gmm run.")
   if not (Path(workdir) / "checkpoints").is_dir():  # checked first: the Checkpointer would create it

@@ -16,15 +16,21 @@ def adam(lr):
   o.warmup_steps = 0
   o.grad_clip = 0.0   # global-norm clipping; 0 = off
   o.grad_value_clip = 0.0  # each gradient entry into [-c, c] (SiDA clips the fake score's at 1); 0 = off
+  o.forced_weight_normalization = False  # EDM2's Eq. 66 after each step (EDM2 networks only; SiD --force_normalization)
   return o
 
 
 def shared_config(pipeline: str):
-  """What every config has: seeds, EDM's noise constants, the generator loss, fake-score and optimiser
-  settings, the mesh, logging and checkpoints, perf and debug switches."""
+  """What every config has: seeds, EDM's noise constants, the teacher's guidance, the generator loss, fake-score
+  and optimiser settings, the mesh, logging and checkpoints, perf and debug switches."""
   c = ml_collections.ConfigDict()
   c.pipeline = pipeline
   c.seed = 0
+
+  c.teacher = ml_collections.ConfigDict()  # each pipeline adds its kind of teacher
+  # Classifier-free guidance weight w of a conditional teacher: D_null + w (D_c - D_null); 1 = none.
+  # The generator and fake score stay conditional and unguided (simjax/teachers/guidance.py); gmm: 1 only.
+  c.teacher.guidance = 1.0
 
   c.sigma_data = 0.5
   c.sigma_min = 0.002
@@ -55,6 +61,15 @@ def shared_config(pipeline: str):
   # SiD's --return_logvar for EDM2 networks: the fake score's uncertainty u(sigma) (EDM2Precond's head) weights
   # its DSM as EDM2 trains (lambda / e^u ||D - x0||^2 + dim u) and divides the generator's per-sample loss by e^u.
   c.loss.logvar_weighting = False
+  # pseudo-Huber c = huber_c_per_dim * sqrt(D), data units ([-1, 1] pixels); 0.3 is the best of the digits
+  # sweep (0.01, 0.1, 0.3, 1; README), carried to every image config per dimension (gmm configs set huber_c).
+  c.loss.huber_c_per_dim = 0.3
+  c.loss.huber_c = 0.0                # > 0: an absolute c instead (data units)
+  # Loss scaling as SiD's --lsg / --ls (run_sid.sh: 100 and 1). Under Adam only eps (1e-8) sees the scale:
+  # on the digits default eps is under 1% of sqrt(nu) for all but 0.03% of the generator's parameters
+  # (zero-gradient ones), so 1 gives the same steps; SiD's 100 is for fp16 underflow.
+  c.loss.generator_scale = 1.0
+  c.loss.fake_scale = 1.0
 
   # SiDA's adversarial term (losses/adversarial.py): the fake score's encoder is also a discriminator of real
   # vs generated samples (trained when this is on, or for uni_instruct's ratio-weighted f), and the generator's loss
@@ -73,6 +88,7 @@ def shared_config(pipeline: str):
   c.fake_noise = "auto"
   c.fake_steps_per_iteration = 1      # fake-score updates per generator update
   c.fake_warmup_steps = 0             # iterations with fake-score updates only
+  c.fake_augment_p = 0.0              # EDM's augmentation pipe on the fake score's DSM (image configs: 0.12)
 
   c.batch_size = 256
   c.optim = ml_collections.ConfigDict()
@@ -107,13 +123,9 @@ def image_config():
   c.data.split_seed = 0
   c.label_dim = 0                     # 0 = unconditional; one-hot class labels otherwise
 
-  c.teacher = ml_collections.ConfigDict()
   c.teacher.kind = "checkpoint"       # 'checkpoint' (EDM pickle / state dict / converted dir) or 'train'
   c.teacher.checkpoint = ""
   c.teacher.arch = ml_collections.ConfigDict(dict(preset="ddpmpp"))
-  # Classifier-free guidance weight w of a class-conditional teacher: D_null + w (D_c - D_null); 1 = none.
-  # The generator and fake score stay conditional and unguided (simjax/teachers/guidance.py).
-  c.teacher.guidance = 1.0
   # A latent teacher (EDM2's ImageNet-512): the diffusers VAE folder its latents decode with, and the teacher
   # checkpoint's latent normalisation (simjax/teachers/edm2_latents.py); '' = pixel space.
   c.vae = ""
@@ -133,16 +145,6 @@ def image_config():
   tt.ema_rampup_ratio = 0.05
   tt.log_every = 100
   tt.checkpoint_every = 500
-
-  # pseudo-Huber c = huber_c_per_dim * sqrt(D), data units ([-1, 1] pixels); 0.3 is the best of the digits
-  # sweep (0.01, 0.1, 0.3, 1; README), carried to every image config per dimension.
-  c.loss.huber_c_per_dim = 0.3
-  c.loss.huber_c = 0.0                # > 0: an absolute c instead (data units)
-  # Loss scaling as SiD's --lsg / --ls (run_sid.sh: 100 and 1). Under Adam only eps (1e-8) sees the scale:
-  # on the digits default eps is under 1% of sqrt(nu) for all but 0.03% of the generator's parameters
-  # (zero-gradient ones), so 1 gives the same steps; SiD's 100 is for fp16 underflow.
-  c.loss.generator_scale = 1.0
-  c.loss.fake_scale = 1.0
 
   c.fake_augment_p = 0.12             # EDM's augmentation pipe on the fake score's DSM (SiD --augment 0.12);
                                       # used where the network has augment_dim (EDM's CIFAR-10 nets: 9)
@@ -200,7 +202,6 @@ def text_to_image_config():
   c.text.pool_shards = 0
   c.text.pool_every = 1000
 
-  c.teacher = ml_collections.ConfigDict()
   c.teacher.kind = "checkpoint"       # a PixArt/DiT folder or file, or 'train' (the digits default)
   c.teacher.checkpoint = ""
   c.teacher.runtime = ml_collections.ConfigDict(dict(scan_blocks=False, remat=False, attention_implementation=""))
@@ -231,11 +232,6 @@ def text_to_image_config():
   c.captions = ml_collections.ConfigDict(dict(per_image=8, eval_per_image=1, seed=0, distractors=0.0,
                                               word_fraction=0.5))
 
-  c.loss.huber_c_per_dim = 0.3
-  c.loss.huber_c = 0.0
-  c.loss.generator_scale = 1.0
-  c.loss.fake_scale = 1.0
-  c.fake_augment_p = 0.0
   c.num_steps = 10_000
   c.grid_every = 1000
   c.grid_size = 4

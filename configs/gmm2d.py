@@ -24,7 +24,6 @@ def get_config(arg=None):
   c = common.shared_config("gmm")
 
   # The analytic teacher: sum_k w_k N(means[k], diag(stds[k]^2)); stds per component or per coordinate.
-  c.teacher = ml_collections.ConfigDict()
   c.teacher.kind = "gmm"
   c.teacher.means = ring()
   c.teacher.stds = (0.1,) * 8

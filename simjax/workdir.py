@@ -41,6 +41,15 @@ ADDED_KEYS = {
     "vae": "",                          # image runs: pixel space, as before the key
     "sample.classes": (),               # --mode=sample: uniformly drawn classes, as before the key
     "loss.logvar_weighting": False,     # no EDM2 uncertainty weighting, as before the key
+    # Declared for every pipeline once the package stopped supplying them (gmm runs lacked them; their values
+    # are the defaults the package read in their place).
+    "optim.generator.forced_weight_normalization": False,
+    "optim.fake.forced_weight_normalization": False,
+    "teacher_train.optim.forced_weight_normalization": False,
+    "loss.huber_c_per_dim": 0.3,        # read only where loss.huber_c is 0 (gmm runs set huber_c)
+    "loss.generator_scale": 1.0,        # SiD's loss scaling off
+    "loss.fake_scale": 1.0,
+    "fake_augment_p": 0.0,              # no augmentation of the fake score's DSM
 }
 
 
@@ -71,6 +80,22 @@ def config_differences(old: dict, new: dict):
     if json.dumps(a.get(k)) != json.dumps(b.get(k)):
       diffs.append(k)
   return diffs
+
+
+def with_added_keys(recorded: dict) -> dict:
+  """A recorded config.json's dict with the ADDED_KEYS it predates set to their values (where their section is
+  there): the config a tool that rebuilds a recorded run reads, every key present as the package reads them."""
+  out = json.loads(json.dumps(recorded))
+  for key, value in ADDED_KEYS.items():
+    *sections, leaf = key.split(".")
+    node = out
+    for section in sections:
+      node = node.get(section)
+      if not isinstance(node, dict):
+        break
+    else:
+      node.setdefault(leaf, value)
+  return out
 
 
 def _read_json_object(path: epath.Path, workdir):

@@ -6,13 +6,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import REPO
 from simjax.errors import UserError
-from simjax import conditioning
+from simjax import conditioning, config_files
 from simjax.teachers import guidance
 
 
@@ -50,8 +49,9 @@ def test_condition_dropout_nulls_whole_rows_at_the_given_rate():
 
 
 def _config(**values):
-  c = ml_collections.ConfigDict({"label_dim": 10, "teacher": {"guidance": 1.0},
-                                 "teacher_train": {"label_dropout": 0.0}, "perf": {"fuse_teacher_fake": False}})
+  """configs/digits.py, class-conditional, with `values` changed."""
+  c = config_files.load(REPO / "configs" / "digits.py").get_config()
+  c.label_dim = 10
   for key, value in values.items():
     section, name = key.split(".") if "." in key else (None, key)
     (c[section] if section else c)[name] = value

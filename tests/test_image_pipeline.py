@@ -136,10 +136,11 @@ def test_generator_sampling_is_deterministic_given_the_seed(run):
 def test_teacher_sampler_is_deterministic(run):
   wd, _, _, _ = run
   from simjax.teachers import edm_checkpoints
+  from simjax import config_files
   from simjax.pipelines import image_eval
-  import ml_collections
   teacher = edm_checkpoints.load_teacher(wd / "teacher" / "final")
-  cfg = ml_collections.ConfigDict(dict(eval=dict(teacher_steps=4), sigma_min=0.002, sigma_max=80.0, rho=7.0))
+  cfg = config_files.load(REPO / "configs" / "digits.py").get_config()  # the run's: EDM's sigmas, no guidance
+  cfg.eval.teacher_steps = 4
   a, _ = image_eval.teacher_samples(teacher.module, teacher.params, 16, 16, 0, cfg)
   b, _ = image_eval.teacher_samples(teacher.module, teacher.params, 16, 16, 0, cfg)
   c, _ = image_eval.teacher_samples(teacher.module, teacher.params, 16, 16, 1, cfg)

@@ -251,15 +251,20 @@ def case_teacher(meshes):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
+  from simjax import config_files  # pylint: disable=import-outside-toplevel
   from simjax.networks.mlp import MLPDenoiser  # pylint: disable=import-outside-toplevel
   from simjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from simjax.pipelines import image_teacher  # pylint: disable=import-outside-toplevel
   from simjax.training import teacher_steps  # pylint: disable=import-outside-toplevel
   from simjax.training.roles import Denoiser  # pylint: disable=import-outside-toplevel
 
-  c = ml_collections.ConfigDict()
+  # The teacher step's config as the image pipeline builds it (teacher_train, sigma_data, debug), plus the
+  # mesh's fsdp_min_size for _run_teacher.
+  image_config = config_files.load(REPO / "configs" / "common.py").image_config()
+  c = image_teacher._teacher_step_config(image_config)  # pylint: disable=protected-access
   c.batch_size, c.seed, c.sigma_data, c.p_mean, c.p_std = 64, 3, 0.5, -1.2, 1.2
   c.ema_half_life_images, c.ema_rampup_ratio, c.fsdp_min_size = 2000.0, 0.5, 512
-  c.optim = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.0, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0))
+  c.optim.update(dict(lr=1e-3, b1=0.0, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0))
   mlp = MLPDenoiser(data_dim=2, hidden=64, num_blocks=1, emb_features=32, dropout=0.0, sigma_data=0.5)
   init_params = mlp.init(jax.random.key(2), jnp.zeros((1, 2)), jnp.ones((1,)))["params"]
   data = 0.5 * jax.random.normal(jax.random.key(4), (500, 2), jnp.float32)

@@ -150,12 +150,20 @@ def test_huber_constant_is_per_dimension_unless_given_absolutely():
   np.testing.assert_allclose(sim.get_distance(per_dim, 64).derivative(y), y / np.sqrt(64 + 0.16), rtol=1e-6)
 
 
+def _loss_section(**values):
+  """The run config's loss section as configs/common.py declares it, `values` changed."""
+  from simjax import config_files  # pylint: disable=import-outside-toplevel
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  cfg = config_files.load(REPO / "configs" / "common.py").shared_config("gmm").loss
+  cfg.update(values)
+  return cfg
+
+
 def test_generator_losses_are_a_registry_selected_by_name():
   """loss.name picks the per-sample loss (default 'sim'); an unknown name is one line naming the choices;
   a registered function is all a new loss needs."""
-  import ml_collections
   from simjax.errors import UserError
-  cfg = ml_collections.ConfigDict({"distance": "l2", "huber_c": 0.0, "huber_c_per_dim": 0.1, "t_max": 0.8})
+  cfg = _loss_section(distance="l2", huber_c=0.0, huber_c_per_dim=0.1, t_max=0.8)
   x0, a, b = (jax.random.normal(jax.random.key(i), (4, 3)) for i in range(3))
   sigma, weight = jnp.ones((4,)), jnp.full((4,), 2.0)
   sim_default = generator_losses.get_generator_loss(cfg, 3).per_sample(x0, a, b, sigma, weight)
@@ -175,8 +183,7 @@ def test_generator_losses_are_a_registry_selected_by_name():
 def test_generator_loss_checks_shapes_at_its_boundary():
   """chex at the loss boundary: noise of the wrong shape, per-sample sigma of the wrong length, and a
   per-sample loss that is not [N] are refused where they enter, not broadcast into a wrong number."""
-  import ml_collections
-  cfg = ml_collections.ConfigDict({"distance": "l2", "huber_c": 0.0, "huber_c_per_dim": 0.1, "t_max": 0.8})
+  cfg = _loss_section(distance="l2", huber_c=0.0, huber_c_per_dim=0.1, t_max=0.8)
   per_sample = generator_losses.get_generator_loss(cfg, 3).per_sample
   x0 = jax.random.normal(jax.random.key(0), (4, 3))
   denoise = lambda p, x, s: p * x

@@ -51,7 +51,7 @@ def log_ratio(logits):
 def start_images(config) -> float:
   """adversarial.start_images: images drawn before the adversarial term enters the generator loss (SiDA:
   200k; the discriminator trains from the start). Checked finite and >= 0."""
-  start = float((config.get("adversarial") or {}).get("start_images", 0.0) or 0.0)
+  start = float(config.adversarial.start_images or 0.0)
   if not 0.0 <= start < float("inf"):
     raise UserError(f"adversarial.start_images must be a finite value >= 0, got {start}; set "
                     "--config.adversarial.start_images (SiDA: 200000).")
@@ -61,9 +61,8 @@ def start_images(config) -> float:
 def settings(config):
   """(adversarial.weight, adversarial.discriminator_weight), checked: weight >= 0 (0 = off), discriminator
   weight > 0, both finite."""
-  section = config.get("adversarial") or {}
-  weight = float(section.get("weight", 0.0) or 0.0)
-  disc = float(section.get("discriminator_weight", 1.0))
+  weight = float(config.adversarial.weight or 0.0)
+  disc = float(config.adversarial.discriminator_weight)
   if not 0.0 <= weight < float("inf"):
     raise UserError(f"adversarial.weight must be a finite value >= 0 (0 = off), got {weight}; set "
                     "--config.adversarial.weight (SiDA's CIFAR-10 setting in simjax's units: 1e-4).")

@@ -33,7 +33,6 @@ from simjax.losses import adversarial
 from simjax.losses import sim
 
 PerSampleLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-DEFAULT = "sim"
 
 
 class GeneratorLoss(NamedTuple):
@@ -59,8 +58,8 @@ def register(name: str):
 
 def _t_range(loss_config, prefix=""):
   """(t_min, t_max) from `loss.<prefix>t_min` / `loss.<prefix>t_max`, checked: 0 <= t_min < t_max <= 1."""
-  t_min = float(loss_config.get(prefix + "t_min", 0.0) or 0.0)
-  t_max = float(loss_config.get(prefix + "t_max"))
+  t_min = float(loss_config[prefix + "t_min"] or 0.0)
+  t_max = float(loss_config[prefix + "t_max"])
   if not 0.0 <= t_min < t_max <= 1.0:
     raise UserError(f"loss.{prefix}t_min={t_min:g} and loss.{prefix}t_max={t_max:g} must satisfy "
                     f"0 <= t_min < t_max <= 1; set --config.loss.{prefix}t_min / --config.loss.{prefix}t_max.")
@@ -141,9 +140,9 @@ def _sim(loss_config, data_dim: int) -> GeneratorLoss:
 @register("sid")
 def _sid(loss_config, data_dim: int) -> GeneratorLoss:
   del data_dim
-  alpha = float(loss_config.get("alpha", 1.2))
+  alpha = float(loss_config.alpha)
   if not math.isfinite(alpha):
-    raise UserError(f"loss.alpha must be a finite number, got {loss_config.get('alpha')}; set --config.loss.alpha "
+    raise UserError(f"loss.alpha must be a finite number, got {loss_config.alpha}; set --config.loss.alpha "
                     "(SiD's default 1.2; 1 is SIM-L2).")
   return GeneratorLoss(sid_per_sample(alpha), _t_range(loss_config))
 
@@ -160,7 +159,7 @@ def _dmd(loss_config, data_dim: int) -> GeneratorLoss:
   the method (so `loss.normalize` must stay on), at DMD2's noise levels: DMD2 draws Karras-grid indices
   20..980 of 1000 (min/max_step_percent 0.02/0.98), here t ~ U[loss.dmd_t_min, loss.dmd_t_max]."""
   del data_dim
-  if not loss_config.get("normalize", True):
+  if not loss_config.normalize:
     raise UserError("loss.name='dmd' is defined with its per-sample normaliser 1/mean|x0 - D_p|; set "
                     "--config.loss.normalize=True, or use --config.loss.name=diff_instruct for the unnormalised form.")
   return GeneratorLoss(diff_instruct_per_sample, _t_range(loss_config, "dmd_"))
@@ -172,7 +171,7 @@ def _uni_instruct(loss_config, data_dim: int) -> GeneratorLoss:
   for reverse KL, whose weights are constant: it is 2 x sid at alpha 1/2, and a discriminator sharing the fake
   score's parameters would only perturb its DSM)."""
   del data_dim
-  name = loss_config.get("f", "reverse_kl")
+  name = loss_config.f
   if name not in F_DIVERGENCES:
     raise UserError(f"unknown f-divergence loss.f={name!r}; set --config.loss.f to one of {sorted(F_DIVERGENCES)}.")
   f = F_DIVERGENCES[name]
@@ -184,8 +183,8 @@ def _uni_instruct(loss_config, data_dim: int) -> GeneratorLoss:
 
 
 def get_generator_loss(loss_config, data_dim: int) -> GeneratorLoss:
-  """The registered loss `loss_config.name` (default 'sim') for samples of `data_dim` values."""
-  name = loss_config.get("name", DEFAULT) or DEFAULT
+  """The registered loss `loss_config.name` for samples of `data_dim` values."""
+  name = loss_config.name
   if name not in LOSSES:
     raise UserError(f"unknown generator loss {name!r}; set --config.loss.name to one of {sorted(LOSSES)}.")
   return LOSSES[name](loss_config, data_dim)

@@ -72,12 +72,12 @@ def pseudo_huber(c: float) -> Distance:
 
 def huber_constant(loss_config, data_dim: int) -> float:
   """pseudo-Huber c in data units: `huber_c` where set (> 0), else huber_c_per_dim * sqrt(data_dim)."""
-  absolute = float(loss_config.get("huber_c", 0.0) or 0.0)
+  absolute = float(loss_config.huber_c or 0.0)
   if absolute:
     return absolute
-  per_dim = float(loss_config.get("huber_c_per_dim", 0.0) or 0.0)
+  per_dim = float(loss_config.huber_c_per_dim or 0.0)
   if not per_dim > 0 or per_dim == float("inf"):
-    raise UserError(f"loss.huber_c_per_dim must be a finite value > 0, got {loss_config.get('huber_c_per_dim')}; "
+    raise UserError(f"loss.huber_c_per_dim must be a finite value > 0, got {loss_config.huber_c_per_dim}; "
                      "set --config.loss.huber_c_per_dim (c = huber_c_per_dim * sqrt(D)) or --config.loss.huber_c.")
   return per_dim * float(data_dim) ** 0.5
 

@@ -8,7 +8,7 @@ PIPELINES = {"gmm": "simjax.pipelines.gmm", "image": "simjax.pipelines.image",
 
 
 def get(config):
-  name = config.get("pipeline")
+  name = config.pipeline
   if name not in PIPELINES:
     raise UserError(f"unknown pipeline {name!r}; set config.pipeline to one of {sorted(PIPELINES)}.")
   return importlib.import_module(PIPELINES[name])

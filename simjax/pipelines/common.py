@@ -1,4 +1,5 @@
 """What every pipeline does around its stages: checkpoints and metrics for a stage, shared checks."""
+import functools
 import math
 import time
 
@@ -66,7 +67,7 @@ def validate_ema(section, prefix=""):
   if not 0 < half_life < float("inf"):
     raise UserError(f"{prefix}ema_half_life_images must be a finite value > 0, got {section.ema_half_life_images}; "
                      f"set --config.{prefix}ema_half_life_images (images).")
-  ratio = section.get("ema_rampup_ratio")
+  ratio = section.ema_rampup_ratio
   if ratio is not None and not (math.isfinite(float(ratio)) and float(ratio) >= 0):
     raise UserError(f"{prefix}ema_rampup_ratio must be 0 (no ramp-up) or a finite value > 0, got {ratio}; "
                      f"set --config.{prefix}ema_rampup_ratio (SiD/EDM use 0.05).")
@@ -81,20 +82,17 @@ def validate_common(config, data_dim: int = 1):
     raise UserError(f"batch_size={config.batch_size} times {data_dim} values per sample exceeds 2^31 elements; "
                      "set --config.batch_size to a realistic value (e.g. 256).")
   for name in ("sigma_init", "sigma_min", "sigma_max", "sigma_data", "rho"):
-    if name in config:
-      _positive(config, name)
+    _positive(config, name)
   if float(config.sigma_min) >= float(config.sigma_max):
     raise UserError(f"sigma_min ({config.sigma_min}) must be below sigma_max ({config.sigma_max}); "
                      "set --config.sigma_min / --config.sigma_max so that 0 < sigma_min < sigma_max.")
   _positive_int(config, "fake_steps_per_iteration")
   for name in ("max_nonfinite_streak", "keep_checkpoints"):
-    if name in config:
-      _positive_int(config, name)
-  if "fake_p_std" in config:
-    _positive(config, "fake_p_std")
-  if "fake_p_mean" in config and not math.isfinite(float(config.fake_p_mean)):
+    _positive_int(config, name)
+  _positive(config, "fake_p_std")
+  if not math.isfinite(float(config.fake_p_mean)):
     raise UserError(f"fake_p_mean must be finite, got {config.fake_p_mean}; set --config.fake_p_mean (EDM: -1.2).")
-  if not 0.0 <= float(config.get("fake_augment_p", 0.0)) <= 1.0:
+  if not 0.0 <= float(config.fake_augment_p) <= 1.0:
     raise UserError(f"fake_augment_p must lie in [0, 1], got {config.fake_augment_p}; set --config.fake_augment_p "
                      "(EDM/SiD: 0.12).")
   validate_ema(config)
@@ -117,11 +115,16 @@ def validate_common(config, data_dim: int = 1):
   return mesh
 
 
-def refuse_logvar_weighting(config):
-  """For the pipelines without EDM2 networks: loss.logvar_weighting reads EDM2's uncertainty head."""
-  if config.loss.get("logvar_weighting"):
+def refuse_edm2_settings(config, optimizers=("optim.generator", "optim.fake")):
+  """For the pipelines without EDM2 networks: loss.logvar_weighting reads EDM2's uncertainty head, and the
+  `optimizers`' forced_weight_normalization keeps its magnitude-preserving layers."""
+  if config.loss.logvar_weighting:
     raise UserError("loss.logvar_weighting is EDM2's (its uncertainty head u(sigma)) and this pipeline has no EDM2 "
                     "networks; set it to False.")
+  for name in optimizers:
+    if functools.reduce(lambda section, key: section[key], name.split("."), config).forced_weight_normalization:
+      raise UserError(f"{name}.forced_weight_normalization is EDM2's (its magnitude-preserving layers) and this "
+                      "pipeline has no EDM2 networks; set it to False.")
 
 
 def validate_eval(config):

@@ -153,7 +153,10 @@ def validate(config, mode: str):
     raise UserError(f"mode {mode!r} is not available for the gmm pipeline (its teacher is analytic); use "
                     f"--mode={' / '.join(MODES)}.")
   common.validate_common(config)
-  common.refuse_logvar_weighting(config)
+  common.refuse_edm2_settings(config)
+  if float(config.teacher.guidance) != 1.0:
+    raise UserError(f"teacher.guidance={config.teacher.guidance} needs a conditional teacher and the gmm pipeline's "
+                    "analytic teacher is unconditional; set --config.teacher.guidance=1.")
   mix = mixture.mixture_from_config(config.teacher)
   model_mix, t = standardize(mix, float(config.sigma_data))
   narrowest = float(np.min(np.asarray(model_mix.stds)) / float(config.sigma_data))

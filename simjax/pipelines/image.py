@@ -58,12 +58,12 @@ def validate(config, mode):
     raise UserError(f"unknown data.name {config.data.name!r}; use one of {DATA_NAMES} ('none': no data set, FID "
                     "against --config.eval.fid_ref).")
   if config.data.name == "none":  # ImageNet runs: no data set, FID against reference statistics by path
-    if not config.eval.get("fid_ref") or config.eval.features != "inception":
+    if not config.eval.fid_ref or config.eval.features != "inception":
       raise UserError("data.name='none' (no data set) needs --config.eval.features=inception and "
                       "--config.eval.fid_ref=<reference statistics .npz>, or set data.name to digits / cifar10.")
     if config.teacher.kind != "checkpoint":
       raise UserError("data.name='none' has no data to train a teacher on; set --config.teacher.kind=checkpoint.")
-  classes = tuple(config.sample.get("classes", ()))
+  classes = tuple(config.sample.classes)
   label_dim = int(config.label_dim)
   if classes and (not label_dim or any(not isinstance(c, int) or not 0 <= c < label_dim for c in classes)):
     raise UserError(f"sample.classes={classes} must be class indices in [0, {label_dim}) of a class-conditional "
@@ -93,7 +93,7 @@ def validate(config, mode):
       raise UserError(f"FID Inception weights not found at {config.eval.inception_path!r}; pass "
                       "--config.eval.inception_path=pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release), or "
                       "--mode=train to skip the evaluation.")
-    if config.eval.get("fid_ref"):  # read and checked now (one line naming the problem), not after training
+    if config.eval.fid_ref:  # read and checked now (one line naming the problem), not after training
       fid_lib.load_reference_stats(config.eval.fid_ref)
 
 
@@ -101,7 +101,7 @@ def _validate_latents(config):
   """A latent teacher (config.vae): a checkpoint teacher carrying EDM2's latent normalisation, a VAE folder that
   fits it; EDM2's own settings only on EDM2 networks."""
   _check_edm2_settings(config)
-  if not config.get("vae"):
+  if not config.vae:
     return
   if config.teacher.kind != "checkpoint":
     raise UserError("config.vae (a latent teacher) needs teacher.kind='checkpoint' with an EDM2 latent network.")
@@ -117,10 +117,14 @@ def _validate_latents(config):
 
 def _check_edm2_settings(config):
   """Forced weight normalisation (EDM2's magnitude-preserving layers) and loss.logvar_weighting (EDM2's
-  uncertainty head) need an EDM2 teacher, whose networks the generator and fake score copy."""
-  settings = [(f"optim.{name}.forced_weight_normalization", "its magnitude-preserving layers")
-              for name in ("generator", "fake") if config.optim[name].get("forced_weight_normalization")]
-  if config.loss.get("logvar_weighting"):
+  uncertainty head) need an EDM2 teacher, whose networks the generator and fake score copy (teacher_train's
+  optimizer: the teacher teacher.kind='train' trains)."""
+  optimizers = {f"optim.{name}": config.optim[name] for name in ("generator", "fake")}
+  if config.teacher.kind == "train":
+    optimizers["teacher_train.optim"] = config.teacher_train.optim
+  settings = [(f"{name}.forced_weight_normalization", "its magnitude-preserving layers")
+              for name, optim in optimizers.items() if optim.forced_weight_normalization]
+  if config.loss.logvar_weighting:
     settings.append(("loss.logvar_weighting", "its uncertainty head u(sigma)"))
   if not settings:
     return
@@ -170,7 +174,7 @@ def export_generator(workdir, distillation: distill.Distillation, state, config)
   if jax.process_index() != 0:
     return
   info = {"sigma_init": float(config.sigma_init), "nfe": 1, "step": int(jax.device_get(state.step)),
-          "latent": bool(config.get("vae"))}
+          "latent": bool(config.vae)}
   # A continued run replaces its earlier export whole.
   codec = image_eval.latent_codec(config, workdir)
   with storage.staged_directory(epath.Path(workdir) / "generator", replace=True) as staging:

@@ -106,7 +106,7 @@ def _load_codec(vae_path: str, teacher_path: str):
 
 def latent_codec(config, workdir=None):
   """The LatentCodec (VAE + the teacher checkpoint's latent normalisation) of a latent run, else None."""
-  if not config.get("vae"):
+  if not config.vae:
     return None
   return _load_codec(str(config.vae), str(image_teacher.resolve_teacher_path(config, workdir or "")))
 
@@ -155,7 +155,7 @@ def stream_features(features, x_local, labels_local, *, mesh, batch_size, descri
 
 
 def reference_stats(config, features, train_split, mesh):
-  if config.eval.get("fid_ref"):
+  if config.eval.fid_ref:
     return fid_lib.load_reference_stats(config.eval.fid_ref)
   if train_split is None:
     raise UserError("data.name='none' has no data to compute reference statistics from; set --config.eval.fid_ref "
@@ -251,7 +251,7 @@ def evaluate(config, workdir, distillation: distill.Distillation, state):
   features = make_features(config, workdir, train, mesh)
   ref = reference_stats(config, features, train, mesh)
   common = dict(mesh=mesh, batch_size=batch)
-  clip = (lambda x: x) if config.get("vae") else (lambda x: np.clip(x, -1.0, 1.0))  # latents are not clipped
+  clip = (lambda x: x) if config.vae else (lambda x: np.clip(x, -1.0, 1.0))  # latents are not clipped
   results = {
       "generator": measure(features, ref, clip(gen.local_x), _labels_to_int(gen.local_labels), 1,
                            num_classes, num_samples=n, describe="eval: generator", **common),
@@ -296,7 +296,7 @@ def periodic_eval_hook(config, workdir, distillation: distill.Distillation):
       cache["ref"] = reference_stats(config, cache["features"], train, mesh)
     num = int(config.eval.periodic_samples)
     out = sample(state.ema["generator"], num, int(config.eval.seed), f"[eval] step {step}: generator")
-    local_x = out.local_x if config.get("vae") else np.clip(out.local_x, -1, 1)
+    local_x = out.local_x if config.vae else np.clip(out.local_x, -1, 1)
     row = measure(cache["features"], cache["ref"], local_x, _labels_to_int(out.local_labels), 1,
                   int(config.eval.num_classes), mesh=mesh, batch_size=batch, num_samples=num)
     scalars, row = row, {"step": int(step), "stage": "sim", "time": round(time.time(), 3), **row}  # as metrics.jsonl's
@@ -341,7 +341,7 @@ def sample_mode(config, workdir, mesh=None):
   path = epath.Path(config.sample.checkpoint) if config.sample.checkpoint else None
   num, seed, batch = int(config.sample.num), int(config.sample.seed), int(config.eval.batch_size)
   sampling.check_batch_size(batch, mesh)
-  classes = tuple(int(c) for c in config.sample.get("classes", ()))
+  classes = tuple(int(c) for c in config.sample.classes)
   # Chosen classes, repeated in turn (the latents stay the seed's); none: uniformly drawn classes.
   cond = np.eye(int(config.label_dim), dtype=np.float32)[np.resize(classes, num)] if classes else None
   if source == "generator":
@@ -360,7 +360,7 @@ def sample_mode(config, workdir, mesh=None):
     teacher = image_teacher.read_teacher(str(path))
     out = make_teacher_sampler(teacher.module, config, mesh, CondSpace(label_dim=teacher.label_dim))(
         teacher.params, num, seed, "sample", cond=cond)
-    x, labels = (out.x if config.get("vae") else np.clip(out.x, -1.0, 1.0)), out.labels
+    x, labels = (out.x if config.vae else np.clip(out.x, -1.0, 1.0)), out.labels
   else:
     raise UserError(f"unknown sample.source {source!r}; use 'generator' or 'teacher'.")
   report.write_samples(workdir, f"sample_{source}", x, labels)

@@ -46,9 +46,8 @@ def guided_teacher(teacher, weight: float, null=None) -> Callable:
 
 
 def weight_of(config) -> float:
-  """config.teacher.guidance (1 where the config has none)."""
-  teacher = config.get("teacher")
-  return float(teacher.get("guidance", 1.0)) if teacher else 1.0
+  """config.teacher.guidance (1 = none)."""
+  return float(config.teacher.guidance)
 
 
 def check_config(config):
@@ -57,15 +56,15 @@ def check_config(config):
   if not math.isfinite(weight) or weight < 0:
     raise UserError(f"teacher.guidance must be a finite weight >= 0 (1 = no guidance), got {weight}; "
                     "set --config.teacher.guidance.")
-  text = config.get("pipeline") == "text_to_image"
-  if weight != 1.0 and not (int(config.get("label_dim", 0)) or text):
+  text = config.pipeline == "text_to_image"
+  if weight != 1.0 and not (text or int(config.label_dim)):
     raise UserError(f"teacher.guidance={weight} needs a class-conditional teacher; set --config.label_dim or "
                     "--config.teacher.guidance=1.")
-  if weight != 1.0 and bool(config.perf.get("fuse_teacher_fake", False)):
+  if weight != 1.0 and bool(config.perf.fuse_teacher_fake):
     raise UserError("teacher.guidance != 1 runs the teacher on a doubled batch, which the fused teacher/fake call "
                     "does not; set --config.perf.fuse_teacher_fake=False.")
   name = "caption_dropout" if text else "label_dropout"
-  p = float(config.teacher_train.get(name, 0.0)) if "teacher_train" in config else 0.0
+  p = float(config.teacher_train[name])
   if not 0.0 <= p < 1.0:
     raise UserError(f"teacher_train.{name} must lie in [0, 1), got {p}; set --config.teacher_train.{name}.")
   return weight

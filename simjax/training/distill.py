@@ -74,7 +74,7 @@ def setup_state(optimizers, config, mesh, checkpointer, *, init_fn, ema_names):
 
   Returns (state, shardings, specs) with the state laid out on the mesh.
   """
-  min_size = int(config.get("fsdp_min_size", 2**14))
+  min_size = int(config.fsdp_min_size)
   abstract_params = jax.eval_shape(init_fn)
   specs, abstract_state = state_specs(abstract_params, mesh, optimizers, ema_names, min_size)
   shardings = mesh_lib.specs_to_shardings(specs, mesh)
@@ -111,7 +111,7 @@ def iteration_inputs(distillation: Distillation, config, specs):
       raise UserError(f"the discriminator ({sim_steps.DISCRIMINATOR_USE}) needs real samples, and this run has "
                       "none; set --config.adversarial.weight=0 and another loss.name.")
     consts[sim_steps.REAL] = distillation.real_samples()
-  consts_specs = mesh_lib.param_specs(consts, distillation.mesh, int(config.get("fsdp_min_size", 2**14)))
+  consts_specs = mesh_lib.param_specs(consts, distillation.mesh, int(config.fsdp_min_size))
   consts = jax.device_put(consts, mesh_lib.specs_to_shardings(consts_specs, distillation.mesh))
   return consts, {"generator": specs.params["generator"], "fake": specs.params["fake"], "consts": consts_specs}
 

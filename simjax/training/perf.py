@@ -42,10 +42,8 @@ class PerfOptions:
 
 
 def resolve(config, backend: Optional[str] = None) -> PerfOptions:
-  """config.perf (absent: defaults) -> PerfOptions, with 'auto' decided by the backend; checks values."""
-  p = default_config()
-  if config.get("perf") is not None:
-    p.update(config.perf)
+  """config.perf -> PerfOptions, with 'auto' decided by the backend; checks values."""
+  p = config.perf
   name = str(p.compute_dtype)
   if name not in COMPUTE_DTYPES:
     raise UserError(f"perf.compute_dtype={name!r}; use one of {sorted(COMPUTE_DTYPES)}.")
@@ -54,7 +52,7 @@ def resolve(config, backend: Optional[str] = None) -> PerfOptions:
     dtype = jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
   remat = {}
   for net in NETWORKS:
-    policy = str(p.remat.get(net, "none"))
+    policy = str(p.remat[net])
     if policy not in REMAT_POLICIES:
       raise UserError(f"perf.remat.{net}={policy!r}; use one of {REMAT_POLICIES}.")
     remat[net] = policy
@@ -74,8 +72,7 @@ HOST_MEMORY_MODES = ("auto", "on", "off")
 
 def host_memory_mode(config) -> str:
   """config.perf.reuse_host_memory, checked; needs no backend (it is read before JAX starts one)."""
-  perf = config.get("perf") or {}
-  mode = str(perf.get("reuse_host_memory", "auto"))
+  mode = str(config.perf.reuse_host_memory)
   if mode not in HOST_MEMORY_MODES:
     raise UserError(f"perf.reuse_host_memory={mode!r}; use one of {HOST_MEMORY_MODES}.")
   return mode

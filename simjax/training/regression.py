@@ -20,8 +20,8 @@ SEED_OFFSET = 7_919  # the pairs' noise: config.seed + this, apart from every ot
 
 def settings(config):
   """(weight, number of pairs), checked: weight 0 turns the term off."""
-  weight = float(config.loss.get("regression_weight", 0.0) or 0.0)
-  num = int(config.loss.get("regression_pairs", 1024))
+  weight = float(config.loss.regression_weight or 0.0)
+  num = int(config.loss.regression_pairs)
   if not 0.0 <= weight < float("inf"):
     raise UserError(f"loss.regression_weight must be a finite value >= 0, got {weight}; set "
                     "--config.loss.regression_weight (0 = off; DMD: 0.25).")

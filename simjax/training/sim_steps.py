@@ -84,7 +84,7 @@ def check_discriminator(config, data_dim: int, nets: DistillNetworks = None) -> 
 
 def check_logvar_weighting(config, nets: DistillNetworks) -> bool:
   """loss.logvar_weighting (SiD's --return_logvar): only for a fake score with EDM2's uncertainty head."""
-  on = bool(config.loss.get("logvar_weighting", False))
+  on = bool(config.loss.logvar_weighting)
   if on and not nets.fake.has_logvar:
     raise UserError(f"loss.logvar_weighting needs EDM2's uncertainty head (an EDM2 teacher), but the fake score is "
                     f"{type(nets.fake.module).__name__}; set --config.loss.logvar_weighting=False.")
@@ -263,7 +263,7 @@ def fake_noise_on_grid(config, nets: DistillNetworks) -> bool:
   """config.fake_noise: 'lognormal' (EDM's P_mean / P_std draw and loss weight) or 'grid' (a discrete
   teacher's own training: uniform trained timesteps, the epsilon loss); 'auto': 'grid' where the teacher
   has a grid (nets.sigma_grid)."""
-  kind = str(config.get("fake_noise", "auto"))
+  kind = str(config.fake_noise)
   if kind not in ("auto", "lognormal", "grid"):
     raise UserError(f"fake_noise={kind!r}; use 'auto', 'lognormal' or 'grid'.")
   if kind == "grid" and nets.sigma_grid is None:
@@ -273,7 +273,7 @@ def fake_noise_on_grid(config, nets: DistillNetworks) -> bool:
 
 def fake_augment_probability(config, nets: DistillNetworks) -> float:
   """config.fake_augment_p where the fake score takes EDM's 9 augmentation labels, else 0 (nothing to condition)."""
-  p = float(config.get("fake_augment_p", 0.0) or 0.0)
+  p = float(config.fake_augment_p or 0.0)
   if not 0.0 <= p <= 1.0:
     raise UserError(f"fake_augment_p must lie in [0, 1], got {p}; set --config.fake_augment_p (EDM/SiD: 0.12).")
   dim = nets.fake.augment_dim if nets.fake is not None else 0
@@ -284,8 +284,8 @@ def fake_augment_probability(config, nets: DistillNetworks) -> float:
 
 
 def loss_scales(config):
-  """(generator, fake) loss scales: config.loss.generator_scale / fake_scale, default 1."""
-  scales = tuple(float(config.loss.get(name, 1.0)) for name in ("generator_scale", "fake_scale"))
+  """(generator, fake) loss scales: config.loss.generator_scale / fake_scale."""
+  scales = tuple(float(config.loss[name]) for name in ("generator_scale", "fake_scale"))
   for name, value in zip(("generator_scale", "fake_scale"), scales):
     if not 0 < value < float("inf"):
       raise UserError(f"loss.{name} must be a finite value > 0, got {value}; set --config.loss.{name}.")
@@ -358,7 +358,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
       metrics.update(gen_metrics)
       params["generator"], opt_state["generator"] = state_lib.apply_optimizer(
           optimizers["generator"], params["generator"], opt_state["generator"], grads)
-      decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
+      decay = state_lib.ema_decay(state.step, batch, float(config.ema_half_life_images), config.ema_rampup_ratio)
       ema["generator"] = state_lib.ema_update(ema["generator"], params["generator"], decay)
       metrics.update(gen_loss=loss, gen_grad_norm=state_lib.global_norm(grads) / gen_scale, ema_decay=decay)
     else:
@@ -378,7 +378,7 @@ def make_sim_iteration(nets: DistillNetworks, config, mesh, specs: Dict[str, obj
 
 def inject_nonfinite(loss, step, config):
   """Test hook: turns the loss NaN at the configured steps (`debug.nan_steps`); free when unused."""
-  steps = tuple(config.get("debug", {}).get("nan_steps", ()) or ())
+  steps = tuple(config.debug.nan_steps or ())
   if not steps:
     return loss
   hit = jnp.any(step == jnp.asarray(steps, jnp.int32))

@@ -30,19 +30,19 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
       raise UserError(f"optimizer {name} must be > 0, got {optim_config[name]}; set a positive value.")
   if not (0.0 <= float(optim_config.b1) < 1.0 and 0.0 <= float(optim_config.b2) < 1.0):
     raise UserError(f"Adam betas must lie in [0, 1), got b1={optim_config.b1}, b2={optim_config.b2}.")
-  warmup = int(optim_config.get("warmup_steps", 0))
+  warmup = int(optim_config.warmup_steps)
   lr = float(optim_config.lr)
   schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
   chain = []
-  value_clip = float(optim_config.get("grad_value_clip", 0.0) or 0.0)
+  value_clip = float(optim_config.grad_value_clip or 0.0)
   if not 0.0 <= value_clip < float("inf"):
     raise UserError(f"optimizer grad_value_clip must be a finite value >= 0 (0 = off), got {value_clip}.")
   if value_clip:  # SiDA's clip_grad_value_ on the fake score: each gradient entry into [-c, c]
     chain.append(optax.clip(value_clip))
-  if optim_config.get("grad_clip"):
+  if optim_config.grad_clip:
     chain.append(optax.clip_by_global_norm(float(optim_config.grad_clip)))
   chain.append(optax.adam(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2), eps=float(optim_config.eps)))
-  if optim_config.get("forced_weight_normalization"):  # EDM2's Eq. 66 (SiDA's --force_normalization)
+  if optim_config.forced_weight_normalization:  # EDM2's Eq. 66 (SiDA's --force_normalization)
     from simjax.networks.edm2 import forced_weight_normalization  # pylint: disable=import-outside-toplevel
     chain.append(forced_weight_normalization())
   return optax.chain(*chain)
@@ -90,7 +90,7 @@ def teacher_update(state: TrainState, optimizers, grads, loss, batch: int, confi
   """A teacher step's tail, shared by the image and text teachers: every network in `grads` updated by its
   optimizer and EMA (config: ema_half_life_images, ema_rampup_ratio), the update kept only if the loss and
   gradients are finite. Returns (new state, metrics)."""
-  decay = ema_decay(state.step, batch, float(config.ema_half_life_images), config.get("ema_rampup_ratio"))
+  decay = ema_decay(state.step, batch, float(config.ema_half_life_images), config.ema_rampup_ratio)
   params, opt_state, ema = {}, {}, {}
   for k in grads:
     params[k], opt_state[k] = apply_optimizer(optimizers[k], state.params[k], state.opt_state[k], grads[k])

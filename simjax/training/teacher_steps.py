@@ -42,7 +42,7 @@ def make_teacher_step(denoiser: Denoiser, config, mesh, specs, optimizer, *, lab
     x0 = constrain_batch(consts["data"][idx].astype(jnp.float32) * consts["scale"] + consts["shift"], mesh)
     cond = None if not label_dim else constrain_batch(jax.nn.one_hot(consts["labels"][idx], label_dim), mesh)
     # Condition dropout: the null condition on a fraction of rows, so the teacher also learns D(x, sigma, null) (CFG).
-    cond = conditioning.drop(jax.random.fold_in(key, 3), cond, float(config.get("label_dropout", 0.0)))
+    cond = conditioning.drop(jax.random.fold_in(key, 3), cond, float(config.label_dropout))
     sigma, eps = dsm.draw_dsm_noise(k_noise, x0.shape, float(config.p_mean), float(config.p_std))
     fn = jax.shard_map(local, mesh=mesh, check_vma=False,
                        in_specs=(specs, P(), *mesh_lib.batch_specs((x0, cond, sigma, eps)), P()),
