@@ -54,6 +54,18 @@ def _config_override_error(e: Exception, argv) -> str:
           "config keys are fixed by the --config file: check the spelling against it.")
 
 
+def _missing_config_key(e: BaseException):
+  """The key a config lacks, when `e` is ml_collections' lookup of a missing field (a user's own config file
+  not built on configs/common.py); None for any other error, which is not the user's to fix."""
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if not isinstance(e, (AttributeError, KeyError)) or tb is None or "ml_collections" not in tb.tb_frame.f_code.co_filename:
+    return None
+  found = re.search(r"'([^'\"]+)'", str(e))
+  return found.group(1) if found else "?"
+
+
 def parse_flags(argv):
   """absl's flag parsing, with every error (flags, config overrides, the config file) as one line + exit 2."""
   try:
@@ -102,6 +114,9 @@ def main(argv):
     perf_lib.before_backend_start(_CONFIG.value)  # first: nothing may start a backend before it
   except ValueError as e:
     fail(_one_line(e))
+  except (AttributeError, KeyError) as e:
+    _fail_if_config_lacks_a_key(e)
+    raise
 
   try:
     mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value)
@@ -119,6 +134,9 @@ def main(argv):
       workdir_lib.prepare(workdir, config, overwrite=_OVERWRITE.value, require_run=_MODE.value in ("eval", "sample"))
     except (ValueError, TypeError, FileNotFoundError) as e:
       fail(_one_line(e))
+    except (AttributeError, KeyError) as e:
+      _fail_if_config_lacks_a_key(e)
+      raise
     perf_lib.apply_process_options(perf_lib.resolve(config))  # validated above
     if jax.process_index() == 0:
       print(f"simjax {simjax.__version__}: {config.pipeline} pipeline, --mode={_MODE.value}, workdir "
@@ -142,6 +160,13 @@ def main(argv):
     print("simjax: preempted; checkpoint saved; rerun the same command to resume.", file=sys.stderr, flush=True)
   elif jax.process_index() == 0:
     print_results(workdir)
+
+
+def _fail_if_config_lacks_a_key(e: BaseException):
+  key = _missing_config_key(e)
+  if key is not None:
+    fail(f"the config has no key {key!r} (its pipeline reads it); pass a --config file built on configs/common.py's "
+         "defaults (common.shared_config / image_config / text_to_image_config), as configs/*.py are.")
 
 
 def print_results(workdir):

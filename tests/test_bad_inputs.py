@@ -113,6 +113,8 @@ CASES = [
     Case("unknown_flag", [CONFIG, "--workdir={workdir}", "--learning_rate=1"], "Unknown command line flag 'learning_rate'"),
     Case("missing_config_file", ["--config=configs/no_such_config.py", "--workdir={workdir}"],
          "could not load --config=configs/no_such_config.py"),
+    Case("config_lacks_a_key", [f"--config={REPO / 'tests' / 'fixtures' / 'config_without_eval.py'}",
+                                "--workdir={workdir}"], "the config has no key 'eval'"),
     Case("missing_workdir_flag", [CONFIG], "--workdir"),
     Case("unknown_mode", [CONFIG, "--workdir={workdir}", "--mode=finetune"], "--mode"),
     # Inconsistent settings (pipeline.validate).

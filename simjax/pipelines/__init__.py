@@ -8,7 +8,8 @@ PIPELINES = {"gmm": "simjax.pipelines.gmm", "image": "simjax.pipelines.image",
 
 
 def get(config):
-  name = config.pipeline
+  # A user's own config file may lack the key: refused in one line (configs/common.py sets it for every config).
+  name = config.pipeline if "pipeline" in config else None
   if name not in PIPELINES:
     raise UserError(f"unknown pipeline {name!r}; set config.pipeline to one of {sorted(PIPELINES)}.")
   return importlib.import_module(PIPELINES[name])
