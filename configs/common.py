@@ -219,6 +219,9 @@ def text_to_image_config():
   tt.num_steps = 4000
   tt.batch_size = 128
   tt.caption_dropout = 0.1            # rows given the null caption, so guidance has a D_null
+  # > 0: the trained encoder also learns to name the digit a caption spells (cross-entropy of a linear head on
+  # its mean-pooled output, weighted so), the small encoder's stand-in for what a pretrained T5 knows of words.
+  tt.caption_digit_weight = 0.0
   tt.optim = adam(1e-3)
   tt.optim.b1 = 0.9
   tt.optim.warmup_steps = 200

@@ -36,6 +36,9 @@ def get_config(arg=None):
   c.teacher.guidance = 2.0
   c.teacher.null = "checkpoint"
   tt = c.teacher_train
+  # The encoder also learns to name the caption's digit (a linear head on its pooled output): without it the
+  # teacher read digits written as words 0.58 of the time on held-out phrasings (numerals 1.00).
+  tt.caption_digit_weight = 0.1
   tt.num_steps = 6000
   tt.optim.lr = 2e-3
   tt.batch_size = 128

@@ -41,6 +41,7 @@ ADDED_KEYS = {
     "vae": "",                          # image runs: pixel space, as before the key
     "sample.classes": (),               # --mode=sample: uniformly drawn classes, as before the key
     "loss.logvar_weighting": False,     # no EDM2 uncertainty weighting, as before the key
+    "teacher_train.caption_digit_weight": 0.0,  # the text encoder learns from the epsilon loss alone, as before
     # Declared for every pipeline once the package stopped supplying them (gmm runs lacked them; their values
     # are the defaults the package read in their place).
     "optim.generator.forced_weight_normalization": False,

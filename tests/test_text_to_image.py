@@ -136,6 +136,32 @@ def test_the_teacher_and_its_encoder_train_together_and_export(run):
   assert teacher.null_cond is not None and teacher.null_cond["emb"].shape == (48, 64)
 
 
+def test_the_encoder_learns_to_name_the_captions_digit(run):
+  """teacher_train.caption_digit_weight (on in configs/digits_t2i.py): the digit head's cross-entropy starts near
+  chance (ln 10) and falls, its accuracy rises well above chance (0.1), and the head is not exported."""
+  wd, _, _ = run
+  rows = read_jsonl(wd / "teacher" / "metrics.jsonl")
+  assert rows[0]["caption_digit_loss"] > 1.5 and rows[-1]["caption_digit_loss"] < 0.5 * rows[0]["caption_digit_loss"]
+  assert rows[-1]["caption_digit_accuracy"] > 0.5, rows
+  exported = " ".join(str(p) for p in (wd / "teacher").rglob("*") if "checkpoints" not in p.parts)
+  assert "caption_digit_head" not in exported
+
+
+def test_without_the_digit_weight_the_teacher_trains_no_head():
+  """Weight 0 (configs/common.py's default) is the teacher as before the key: no head, the same initial networks."""
+  from simjax import config_files  # pylint: disable=import-outside-toplevel
+  from simjax.pipelines import text_teacher  # pylint: disable=import-outside-toplevel
+  config = config_files.load(REPO / "configs" / "digits_t2i.py").get_config()
+  with_head = jax.eval_shape(lambda: text_teacher.init_networks(config, jax.random.key(0)))
+  config.teacher_train.caption_digit_weight = 0.0
+  plain = text_teacher.init_networks(config, jax.random.key(0))
+  assert set(with_head) == {"denoiser", "encoder", "caption_digit_head"} and set(plain) == {"denoiser", "encoder"}
+  config.teacher_train.caption_digit_weight = 0.1
+  again = text_teacher.init_networks(config, jax.random.key(0))
+  for name in plain:
+    jax.tree.map(np.testing.assert_array_equal, plain[name], again[name])
+
+
 def test_the_prompts_are_encoded_once_into_the_cache(run):
   wd, _, proc = run
   manifest = json.loads((wd / "embeddings" / "cache.json").read_text())
@@ -208,7 +234,8 @@ def test_a_continued_run_does_not_redo_the_teacher_or_the_embeddings(run):
 BAD_INPUTS = [("--mode=sample", "sample.prompts"), ("--config.text.prompts=/nonexistent/prompts.txt", "text.prompts"),
               ("--config.teacher.null=zeros", "teacher.null"), ("--config.eval.features=inception", "eval.features"),
               ("--config.captions.distractors=1.5", "captions.distractors"),
-              ("--config.captions.word_fraction=-0.1", "captions.word_fraction")]
+              ("--config.captions.word_fraction=-0.1", "captions.word_fraction"),
+              ("--config.teacher_train.caption_digit_weight=-1", "teacher_train.caption_digit_weight")]
 
 
 def test_bad_text_to_image_input_exits_2_before_writing(tmp_path):

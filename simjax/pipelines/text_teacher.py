@@ -62,6 +62,11 @@ def validate(config, mesh):
     raise UserError(f"captions.word_fraction is the fraction of training captions that spell the digit out and must "
                     f"lie in [0, 1], got {config.captions.word_fraction}; set --config.captions.word_fraction "
                     f"(e.g. 0.5).")
+  weight = float(tt.caption_digit_weight)
+  if not (np.isfinite(weight) and weight >= 0.0):
+    raise UserError(f"teacher_train.caption_digit_weight weighs the encoder's digit-naming loss and must be a finite "
+                    f"value >= 0, got {tt.caption_digit_weight}; set --config.teacher_train.caption_digit_weight "
+                    "(0 turns it off).")
   common.validate_ema(tt, "teacher_train.")
   state_lib.make_optimizer(tt.optim)
   mesh_lib.check_batch_divisible(int(tt.batch_size), mesh, "teacher_train.batch_size")
@@ -129,7 +134,8 @@ def schedule(config):
 
 
 def init_networks(config, key):
-  """{'denoiser': the DiscreteVPPrecond's params, 'encoder': T5's} at step 0."""
+  """{'denoiser': the DiscreteVPPrecond's params, 'encoder': T5's, and the digit head's when
+  teacher_train.caption_digit_weight > 0} at step 0."""
   length, shape = int(config.text.max_length), data_lib.data_shape(config)
   module = transformer_checkpoints.build_teacher_module(teacher_arch(config), schedule(config))
   encoder = t5_lib.T5Encoder(**encoder_arch(config))
@@ -138,7 +144,11 @@ def init_networks(config, key):
   cond = {"emb": jnp.zeros((1, length, d_model)), "mask": jnp.ones((1, length))}
   denoiser = module.init(k_d, jnp.zeros((1,) + shape), jnp.ones((1,)), cond)["params"]
   enc = encoder.init(k_e, jnp.zeros((1, length), jnp.int32), jnp.ones((1, length)))["params"]
-  return {"denoiser": denoiser, "encoder": enc}
+  params = {"denoiser": denoiser, "encoder": enc}
+  if text_teacher_steps.DIGIT_HEAD in text_teacher_steps.trained_networks(config.teacher_train):
+    head = text_teacher_steps.digit_head().init(jax.random.fold_in(key, 2), jnp.zeros((1, d_model)))["params"]
+    params[text_teacher_steps.DIGIT_HEAD] = head
+  return params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +170,8 @@ def train(config, workdir, mesh):
   ids, mask = tokenizer([c.text for c in sets["train"]], length)
   null_ids, null_mask = tokenizer([""], length)
   optimizer = state_lib.make_optimizer(tt.optim)
-  optimizers = {k: optimizer for k in text_teacher_steps.NETWORKS}
+  networks = text_teacher_steps.trained_networks(tt)
+  optimizers = {k: optimizer for k in networks}
   checkpointer, writer = common.open_stage(config, workdir, stage="teacher/checkpoints",
                                            metrics_file="teacher/metrics.jsonl", interval=int(tt.checkpoint_every),
                                            name="teacher")
@@ -168,9 +179,11 @@ def train(config, workdir, mesh):
     teacher_dir(workdir).mkdir(parents=True, exist_ok=True)
     state, shardings, specs = distill.setup_state(
         optimizers, config, mesh, checkpointer, init_fn=lambda: jax.jit(lambda k: init_networks(config, k))(
-            jax.random.key(int(tt.seed))), ema_names=text_teacher_steps.NETWORKS)
-    consts = jax.device_put({"data": train_split.x, "caption_image": sets["train_image"], "tokens": ids,
-                             "token_mask": mask, "null_tokens": null_ids[0], "null_mask": null_mask[0], "extra": {}},
+            jax.random.key(int(tt.seed))), ema_names=networks)
+    digits = np.asarray([c.digit for c in sets["train"]], np.int32)
+    consts = jax.device_put({"data": train_split.x, "caption_image": sets["train_image"], "caption_digit": digits,
+                             "tokens": ids, "token_mask": mask, "null_tokens": null_ids[0], "null_mask": null_mask[0],
+                             "extra": {}},
                             mesh_lib.replicated(mesh))
     step = text_teacher_steps.make_text_teacher_step(
         Denoiser(module), encoder, _step_config(config), mesh, specs.params, optimizers, sigmas=module.sigmas,
