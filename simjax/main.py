@@ -54,18 +54,6 @@ def _config_override_error(e: Exception, argv) -> str:
           "config keys are fixed by the --config file: check the spelling against it.")
 
 
-def _missing_config_key(e: BaseException):
-  """The key a config lacks, when `e` is ml_collections' lookup of a missing field (a user's own config file
-  not built on configs/common.py); None for any other error, which is not the user's to fix."""
-  tb = e.__traceback__
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  if not isinstance(e, (AttributeError, KeyError)) or tb is None or "ml_collections" not in tb.tb_frame.f_code.co_filename:
-    return None
-  found = re.search(r"'([^'\"]+)'", str(e))
-  return found.group(1) if found else "?"
-
-
 def parse_flags(argv):
   """absl's flag parsing, with every error (flags, config overrides, the config file) as one line + exit 2."""
   try:
@@ -163,10 +151,17 @@ def main(argv):
 
 
 def _fail_if_config_lacks_a_key(e: BaseException):
-  key = _missing_config_key(e)
-  if key is not None:
-    fail(f"the config has no key {key!r} (its pipeline reads it); pass a --config file built on configs/common.py's "
-         "defaults (common.shared_config / image_config / text_to_image_config), as configs/*.py are.")
+  """Exit 2 when `e` is ml_collections' lookup of a field the config lacks (a user's own config file not built on
+  configs/common.py); any other error is not the user's to fix and returns, for the caller to raise."""
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if tb is None or "ml_collections" not in tb.tb_frame.f_code.co_filename:
+    return
+  found = re.search(r"'([^'\"]+)'", str(e))
+  key = found.group(1) if found else "?"
+  fail(f"the config has no key {key!r} (its pipeline reads it); pass a --config file built on configs/common.py's "
+       "defaults (common.shared_config / image_config / text_to_image_config), as configs/*.py are.")
 
 
 def print_results(workdir):

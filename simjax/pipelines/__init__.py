@@ -8,8 +8,7 @@ PIPELINES = {"gmm": "simjax.pipelines.gmm", "image": "simjax.pipelines.image",
 
 
 def get(config):
-  # A user's own config file may lack the key: refused in one line (configs/common.py sets it for every config).
-  name = config.pipeline if "pipeline" in config else None
+  name = config.pipeline
   if name not in PIPELINES:
     raise UserError(f"unknown pipeline {name!r}; set config.pipeline to one of {sorted(PIPELINES)}.")
   return importlib.import_module(PIPELINES[name])

@@ -1,5 +1,4 @@
 """What every pipeline does around its stages: checkpoints and metrics for a stage, shared checks."""
-import functools
 import math
 import time
 
@@ -115,16 +114,25 @@ def validate_common(config, data_dim: int = 1):
   return mesh
 
 
-def refuse_edm2_settings(config, optimizers=("optim.generator", "optim.fake")):
-  """For the pipelines without EDM2 networks: loss.logvar_weighting reads EDM2's uncertainty head, and the
-  `optimizers`' forced_weight_normalization keeps its magnitude-preserving layers."""
+def edm2_only_settings(config, teacher_optim: bool = False):
+  """[(key, what of EDM2's it needs)] for each EDM2-only setting switched on: forced weight normalisation of the
+  generator's and fake score's optimizers (and teacher_train's, with teacher_optim), loss.logvar_weighting."""
+  optimizers = {f"optim.{name}": config.optim[name] for name in ("generator", "fake")}
+  if teacher_optim:
+    optimizers["teacher_train.optim"] = config.teacher_train.optim
+  found = [(f"{name}.forced_weight_normalization", "its magnitude-preserving layers")
+           for name, optim in optimizers.items() if optim.forced_weight_normalization]
   if config.loss.logvar_weighting:
-    raise UserError("loss.logvar_weighting is EDM2's (its uncertainty head u(sigma)) and this pipeline has no EDM2 "
-                    "networks; set it to False.")
-  for name in optimizers:
-    if functools.reduce(lambda section, key: section[key], name.split("."), config).forced_weight_normalization:
-      raise UserError(f"{name}.forced_weight_normalization is EDM2's (its magnitude-preserving layers) and this "
-                      "pipeline has no EDM2 networks; set it to False.")
+    found.append(("loss.logvar_weighting", "its uncertainty head u(sigma)"))
+  return found
+
+
+def refuse_edm2_settings(config, teacher_optim: bool = False):
+  """For the pipelines without EDM2 networks: every edm2_only_settings is refused."""
+  found = edm2_only_settings(config, teacher_optim)
+  if found:
+    name, why = found[0]
+    raise UserError(f"{name} is EDM2's ({why}) and this pipeline has no EDM2 networks; set it to False.")
 
 
 def validate_eval(config):

@@ -119,13 +119,7 @@ def _check_edm2_settings(config):
   """Forced weight normalisation (EDM2's magnitude-preserving layers) and loss.logvar_weighting (EDM2's
   uncertainty head) need an EDM2 teacher, whose networks the generator and fake score copy (teacher_train's
   optimizer: the teacher teacher.kind='train' trains)."""
-  optimizers = {f"optim.{name}": config.optim[name] for name in ("generator", "fake")}
-  if config.teacher.kind == "train":
-    optimizers["teacher_train.optim"] = config.teacher_train.optim
-  settings = [(f"{name}.forced_weight_normalization", "its magnitude-preserving layers")
-              for name, optim in optimizers.items() if optim.forced_weight_normalization]
-  if config.loss.logvar_weighting:
-    settings.append(("loss.logvar_weighting", "its uncertainty head u(sigma)"))
+  settings = common.edm2_only_settings(config, teacher_optim=config.teacher.kind == "train")
   if not settings:
     return
   if config.teacher.kind == "train":

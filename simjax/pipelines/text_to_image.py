@@ -47,7 +47,7 @@ def validate(config, mode):
     raise UserError(f"mode {mode!r} is not available for the text_to_image pipeline; use one of {MODES}.")
   shape = data_lib.data_shape(config)
   mesh = common.validate_common(config, int(np.prod(shape)))
-  common.refuse_edm2_settings(config, ("optim.generator", "optim.fake", "teacher_train.optim"))
+  common.refuse_edm2_settings(config, teacher_optim=True)
   guidance.check_config(config)
   mesh_lib.check_batch_divisible(int(config.eval.batch_size), mesh, "eval.batch_size")
   if len(shape) != 3:
