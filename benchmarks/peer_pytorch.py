@@ -148,6 +148,8 @@ def main():
   import sim_step  # pylint: disable=import-outside-toplevel,import-error
   if args.variant not in sim_step.VARIANTS:
     parser.error(f"--variant={args.variant}: use one of {sorted(sim_step.VARIANTS)}.")
+  if args.reuse_host_memory not in sim_step.perf_lib.HOST_MEMORY_MODES:
+    parser.error(f"--reuse_host_memory={args.reuse_host_memory}: use one of {sim_step.perf_lib.HOST_MEMORY_MODES}.")
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -156,17 +158,12 @@ def main():
 
   import jax  # pylint: disable=import-outside-toplevel
   from simjax.pipelines.image_teacher import teacher_arch_from_config  # pylint: disable=import-outside-toplevel
-  from simjax.training import perf as perf_lib  # pylint: disable=import-outside-toplevel
   from simjax.training import sim_steps  # pylint: disable=import-outside-toplevel
 
   config = sim_step.load_config(args.config)
-  # Process-wide, as `simjax.main` and sim_step.py set it before anything runs: without it every simjax
-  # call faults its temporaries in again (measured idle: 19.8 s against 15.4 s per iteration).
-  if args.reuse_host_memory not in perf_lib.HOST_MEMORY_MODES:
-    parser.error(f"--reuse_host_memory={args.reuse_host_memory}: use one of {perf_lib.HOST_MEMORY_MODES}.")
-  config.perf.reuse_host_memory = args.reuse_host_memory
-  perf_lib.before_backend_start(config)
-  perf_lib.apply_process_options(perf_lib.resolve(config))
+  # Without it every simjax call faults its temporaries in again (measured idle: 19.8 s against 15.4 s per
+  # iteration).
+  sim_step.apply_host_memory_mode(config, args.reuse_host_memory)
   config, nets, params, state, consts, specs, optimizers, mesh = sim_step.build(config, args.batch, args.variant)
   iteration = jax.jit(sim_steps.make_sim_iteration(nets, config, mesh, specs, optimizers), donate_argnums=0)
   compiled, simjax_compile, _, _, _ = sim_step.compile_stats(iteration, state, consts)

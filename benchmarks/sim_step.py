@@ -318,6 +318,14 @@ def memory_case(path, batch, variant):
   return results
 
 
+def apply_host_memory_mode(config, mode: str):
+  """perf.reuse_host_memory=`mode` for the whole process, as `simjax.main` applies it: once, before anything
+  is compiled or run."""
+  config.perf.reuse_host_memory = mode
+  perf_lib.before_backend_start(config)
+  perf_lib.apply_process_options(perf_lib.resolve(config))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", action="append", help="config file (repeatable); default: digits and cifar10")
@@ -333,11 +341,7 @@ def main():
                   help="perf.reuse_host_memory for the whole process (auto: on for the CPU backend)")
   args = ap.parse_args()
   paths = (args.config or []) + [ALIASES[s] for s in (args.size or [])] or [ALIASES["digits"], ALIASES["cifar10"]]
-  # Process-wide, as in `simjax.main`: applied once, before anything is compiled or run.
-  host_config = load_config(paths[0])
-  host_config.perf.reuse_host_memory = args.reuse_host_memory
-  perf_lib.before_backend_start(host_config)
-  perf_lib.apply_process_options(perf_lib.resolve(host_config))
+  apply_host_memory_mode(load_config(paths[0]), args.reuse_host_memory)
   variants = args.variant or [{"float32": "f32", "bfloat16": "bf16"}.get(args.dtype, "f32")]
   repeats = 2 if args.quick else args.repeats
   for path in paths:
