@@ -72,11 +72,9 @@ def test_eval_mode_needs_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue #13 item 3 open: seed 0 meets the bounds (1.36x, off-mode 0.0207 vs "
-                   "0.0013, README table) but seeds 1-2 and the larger mixtures do not; remove this mark once "
-                   "the defaults meet the bounds on seeds 0-2")
 def test_default_run_meets_the_quality_bounds(tmp_path):
-  """configs/gmm2d.py as shipped, its default seed: the bounds of issue #13 item 3 (a few minutes on 2 cores)."""
+  """configs/gmm2d.py as shipped, its default seed: the bounds of issue #13 item 3 (a few minutes on 2 cores; the
+  README's table has seeds 0-2 and the other mixtures)."""
   cmd = [sys.executable, "-m", "simjax.main", "--config=configs/gmm2d.py", f"--workdir={tmp_path / 'run'}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]
