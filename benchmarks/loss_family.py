@@ -57,6 +57,11 @@ def variant_settings(variant: str):
   return settings
 
 
+def flag_settings(flags):
+  """['--config.a.b=1', ...] -> {'a.b': '1', ...}, for set_config."""
+  return dict(flag[len("--config."):].partition("=")[::2] for flag in flags)
+
+
 def set_config(config, settings):
   """config with each dotted key set to its string value, converted to the existing value's type."""
   for key, value in settings.items():
@@ -123,9 +128,7 @@ def build_distillation(problem: str, config, extra):
   from simjax.pipelines import gmm, image  # pylint: disable=import-outside-toplevel
   if problem != "digits":
     return gmm.build(config)[0]
-  for flag in extra:  # the shared teacher
-    key, _, value = flag[len("--config."):].partition("=")
-    set_config(config, {key: value})
+  set_config(config, flag_settings(extra))  # the shared teacher
   return image.build_distillation(config, None, mesh_lib.make_mesh(config.mesh_shape))
 
 
@@ -139,7 +142,7 @@ def time_iterations(problem: str, variants, extra=(), rounds: int = 7, iters: in
   steps = {}
   for variant in dict.fromkeys(["sim", *variants]):
     config = set_config(config_files.load(REPO / path).get_config(arg or None), variant_settings(variant))
-    set_config(config, dict(flag[len("--config."):].split("=", 1) for flag in PROBLEMS[problem][1:]))
+    set_config(config, flag_settings(PROBLEMS[problem][1:]))
     if "init" in config:
       config.init.copy_steps = 0  # the warm start does not change the step's cost
     dist = build_distillation(problem, config, extra)
